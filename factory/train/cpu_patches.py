@@ -1,0 +1,34 @@
+"""The runtime patches megatron-core 0.16.1 needs on a machine without CUDA.
+
+They live here and nowhere else, and apply only when CUDA is absent, so the GPU path runs
+megatron unmodified. Facts behind each line: ../shared/MEGATRON_CPU.md ("Patches").
+"""
+
+from __future__ import annotations
+
+import torch
+
+_applied = False
+
+
+def apply() -> bool:
+    """Patch once if there is no CUDA; returns True when the patches are in effect."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    import megatron.core.tensor_parallel.random as mrandom
+
+    # megatron asks for the current CUDA device to place tensors and RNG states.
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.empty_cache = lambda *a, **k: None
+    # The model-parallel RNG tracker forks CUDA generator states; on CPU it forks the CPU one.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda s, *a, **k: torch.set_rng_state(s)
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    # Not torch.manual_seed inside the lambda: it calls torch.cuda.manual_seed and recurses.
+    torch.cuda.manual_seed = lambda s: torch.default_generator.manual_seed(int(s))
+    _applied = True
+    return True
