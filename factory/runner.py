@@ -1,0 +1,256 @@
+"""Runs a manifest's stage graph: content-hash caching, atomic stage outputs, resume, tracking.
+
+Cache key of a stage = sha256(factory version, stage name, its resolved config, the content
+fingerprints it declares, its inputs' keys). A stage writes into `RUN/.tmp/<stage>-<key>` and
+the folder is renamed to `RUN/<stage>` only once the stage succeeded, so a crash never leaves a
+half output that a later run trusts; the temporary folder of a killed stage is kept and handed
+to the rerun of the same key (the pretrain stage resumes from its checkpoints there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pipelines
+from factory import __version__
+from factory.manifest import Loaded
+from factory.stage import Progress, Stage, StageContext, UserError
+
+log = logging.getLogger(__name__)
+
+# Imported lazily: the stage modules pull in megatron, datatrove and transformers.
+STAGES: dict[str, str] = {
+    "corpus": "factory.corpus.stage:CorpusStage",
+    "vocab": "factory.vocab:VocabStage",
+    "pack": "factory.corpus.pack:PackStage",
+    "pretrain": "factory.train.stage:PretrainStage",
+    "export": "factory.train.export:ExportStage",
+    "evaluate": "factory.evaluate:EvaluateStage",
+}
+RECORD = ".stage.json"
+
+
+def stage_class(name: str) -> type[Stage]:
+    module, _, attr = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@dataclass
+class Planned:
+    stage: Stage
+    inputs: tuple[str, ...]
+    register: str | None
+    key: str = ""
+
+
+@dataclass
+class Outcome:
+    status: str
+    output: Path
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def default_run_dir(loaded: Loaded, root: Path) -> Path:
+    return root / f"{loaded.manifest.name}-{loaded.scale or 'full'}"
+
+
+def plan(loaded: Loaded) -> list[Planned]:
+    pipe = pipelines.load(loaded.manifest.strategy)
+    out: list[Planned] = []
+    keys: dict[str, str] = {}
+    for ref in pipe.stages:
+        stage = stage_class(ref.name).from_manifest(loaded)
+        p = Planned(stage, ref.inputs, ref.register)
+        p.key = _key(stage, {i: keys[i] for i in ref.inputs})
+        keys[ref.name] = p.key
+        out.append(p)
+    return out
+
+
+def _key(stage: Stage, input_keys: dict[str, str]) -> str:
+    blob = json.dumps({
+        "factory": __version__,
+        "stage": stage.name,
+        "config": stage.config.model_dump(mode="json"),
+        "fingerprint": stage.fingerprint(),
+        "inputs": input_keys,
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_record(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check(planned: list[Planned], only: str | None) -> None:
+    """Every problem the stages can see before work starts, all at once."""
+    problems = [p for pl in planned if only in (None, pl.stage.name) for p in pl.stage.check()]
+    if problems:
+        raise UserError("\n".join(problems))
+
+
+def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None = None,
+        tracker_factory: Callable[[str], Any] | None = None, rich_progress=None) -> dict:
+    """Run (or reuse) every stage; returns the summary also written to RUN/summary.json."""
+    if only is not None and only not in STAGES:
+        raise UserError(f"--only {only!r}: unknown stage (stages: {', '.join(STAGES)})")
+    run_dir = run_dir.resolve()
+    planned = plan(loaded)
+    check(planned, only)
+    if only is not None:
+        _check_upstream(planned, run_dir, only)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / "manifest.resolved.yaml", _yaml(loaded.resolved()))
+
+    from factory import tracking
+
+    tracker = (tracker_factory or tracking.Tracker)(loaded.manifest.name)
+    parent = tracker.start_parent(
+        f"{loaded.manifest.name}-{loaded.scale or 'full'}",
+        tags={"factory.run_dir": str(run_dir), "factory.scale": loaded.scale or "full",
+              "factory.family": loaded.manifest.family,
+              "factory.strategy": loaded.manifest.strategy,
+              "factory.version": __version__, "factory.only": only or ""})
+    parent.params(tracking.flatten(loaded.resolved()))
+    parent.artifact(run_dir / "manifest.resolved.yaml")
+
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "mlflow": {"tracking_uri": tracker.uri, "experiment": tracker.experiment,
+                   "run_id": parent.run_id},
+        "stages": {},
+    }
+    progress = Progress(rich_progress) if rich_progress is not None else None
+    model_name = f"{loaded.manifest.name}-{loaded.manifest.family}"
+    status = "FINISHED"
+    try:
+        for pl in planned:
+            name = pl.stage.name
+            if only is not None and name != only:
+                summary["stages"][name] = _entry(Outcome("skipped", run_dir / name, 0.0))
+                continue
+            outcome = _run_one(pl, run_dir, force, tracker, parent, progress, model_name)
+            summary["stages"][name] = _entry(outcome)
+            parent.metrics({f"{name}.{k}": v for k, v in outcome.metrics.items()})
+            parent.flush()
+            _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        raise
+    finally:
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        parent.end(status)
+    return summary
+
+
+def _entry(o: Outcome) -> dict:
+    return {"status": o.status, "output": str(o.output), "seconds": round(o.seconds, 3),
+            "metrics": o.metrics}
+
+
+def _check_upstream(planned: list[Planned], run_dir: Path, only: str) -> None:
+    target = next(p for p in planned if p.stage.name == only)
+    by_name = {p.stage.name: p for p in planned}
+    for up in target.inputs:
+        rec = read_record(run_dir / up)
+        if rec is None or rec.get("key") != by_name[up].key:
+            state = "has no output" if rec is None else "is out of date"
+            raise UserError(f"--only {only}: stage {up!r} {state} in {run_dir}; "
+                            "run without --only first")
+
+
+def _run_one(pl: Planned, run_dir: Path, force: bool, tracker, parent, progress,
+             model_name: str) -> Outcome:
+    name, key = pl.stage.name, pl.key
+    final = run_dir / name
+    t0 = time.perf_counter()
+    rec = read_record(final)
+    if rec is not None and rec.get("key") == key and not force:
+        child = tracker.start_child(parent, name, tags={
+            "factory.stage": name, "factory.key": key, "cached": "true",
+            "cached_from": rec.get("mlflow_run_id", "")})
+        child.metrics(rec.get("metrics", {}))
+        child.end()
+        log.info("%s: cached (%s)", name, key[:12])
+        return Outcome("cached", final, time.perf_counter() - t0, rec.get("metrics", {}))
+
+    tmp_root = run_dir / ".tmp"
+    tmp = tmp_root / f"{name}-{key[:16]}"
+    tmp_root.mkdir(exist_ok=True)
+    for stale in tmp_root.glob(f"{name}-*"):
+        if stale != tmp or force:
+            shutil.rmtree(stale, ignore_errors=True)
+    resumed = tmp.exists()
+    tmp.mkdir(exist_ok=True)
+
+    child = tracker.start_child(parent, name, tags={
+        "factory.stage": name, "factory.key": key, "cached": "false",
+        "resumed": str(resumed).lower()})
+    child.params({f"config.{k}": v for k, v in _flat_config(pl.stage).items()})
+    ctx = StageContext(out=tmp, inputs={i: run_dir / i for i in pl.inputs}, log=child,
+                       progress=progress)
+    log.info("%s: running%s", name, " (resuming an interrupted attempt)" if resumed else "")
+    try:
+        metrics = {k: float(v) for k, v in (pl.stage.run(ctx) or {}).items()}
+    except BaseException as e:
+        child.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    seconds = time.perf_counter() - t0
+    child.metrics(metrics)
+    child.metrics({"seconds": seconds})
+    record = {"stage": name, "key": key, "factory_version": __version__,
+              "config": pl.stage.config.model_dump(mode="json"), "metrics": metrics,
+              "seconds": seconds, "mlflow_run_id": child.run_id,
+              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (tmp / RECORD).write_text(json.dumps(record, indent=2))
+    _swap(tmp, final)
+    if pl.register:
+        child.artifact(final / pl.register, pl.register)
+        version = tracker.register_model(model_name, child, pl.register)
+        child.tags({"registered_model_version": str(version)})
+    child.end()
+    return Outcome("done", final, seconds, metrics)
+
+
+def _flat_config(stage: Stage) -> dict[str, str]:
+    from factory.tracking import flatten
+
+    return flatten(stage.config.model_dump(mode="json"))
+
+
+def _swap(tmp: Path, final: Path) -> None:
+    """Replace `final` by `tmp` so that a reader sees either the old or the new output."""
+    trash = None
+    if final.exists():
+        trash = final.parent / ".tmp" / f"trash-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+    os.replace(tmp, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _yaml(d: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False)

@@ -1,0 +1,55 @@
+"""Cache keys and atomic outputs of the runner (no training: plans and folders only)."""
+
+import gzip
+import shutil
+
+import pytest
+
+from factory import manifest as mf, runner
+from factory.stage import UserError
+from tests.conftest import REPO
+
+
+def _copy_domain(tmp_path):
+    dst = tmp_path / "domains"
+    shutil.copytree(REPO / "domains", dst)
+    return dst / "biomedical.yaml"
+
+
+def _keys(path, overrides=()):
+    return {p.stage.name: p.key for p in runner.plan(mf.load(path, "smoke", list(overrides)))}
+
+
+def test_changing_lr_changes_only_pretrain_and_later_keys(tmp_path):
+    path = _copy_domain(tmp_path)
+    a, b = _keys(path), _keys(path, ["training.lr=1e-3"])
+    assert [n for n in a if a[n] != b[n]] == ["pretrain", "export", "evaluate"]
+
+
+def test_changing_one_corpus_byte_changes_every_key(tmp_path):
+    path = _copy_domain(tmp_path)
+    before = _keys(path)
+    data = path.parent / "biomedical/pubmed/train.jsonl.gz"
+    raw = bytearray(gzip.decompress(data.read_bytes()))
+    i = raw.index(b'"text": "') + 10
+    raw[i] = ord("X") if raw[i] != ord("X") else ord("Y")
+    data.write_bytes(gzip.compress(bytes(raw)))
+    after = _keys(path)
+    assert all(before[n] != after[n] for n in before)
+
+
+def test_swap_replaces_atomically(tmp_path):
+    final, tmp = tmp_path / "stage", tmp_path / ".tmp" / "stage-new"
+    final.mkdir()
+    (final / "old").write_text("old")
+    tmp.mkdir(parents=True)
+    (tmp / "new").write_text("new")
+    runner._swap(tmp, final)
+    assert (final / "new").read_text() == "new" and not (final / "old").exists()
+    assert not tmp.exists()
+
+
+def test_only_needs_up_to_date_inputs(tmp_path):
+    loaded = mf.load(_copy_domain(tmp_path), "smoke")
+    with pytest.raises(UserError, match="stage 'vocab' has no output"):
+        runner._check_upstream(runner.plan(loaded), tmp_path / "run", "pack")
