@@ -52,4 +52,4 @@ def test_swap_replaces_atomically(tmp_path):
 def test_only_needs_up_to_date_inputs(tmp_path):
     loaded = mf.load(_copy_domain(tmp_path), "smoke")
     with pytest.raises(UserError, match="stage 'vocab' has no output"):
-        runner._check_upstream(runner.plan(loaded), tmp_path / "run", "pack")
+        runner._check_upstream(runner.plan(loaded), tmp_path / "run", "pretrain")

@@ -1,0 +1,154 @@
+"""A saved tokenizer folder seen through megatron-core's tokenizer interface.
+
+Megatron's datasets take a `MegatronTokenizerBase` in their config: GPTDataset reads
+`vocab_size` and `eod`, BERTMaskedWordPieceDataset reads `inv_vocab` (a `##` prefix marks a
+WordPiece continuation for whole-word masking), `cls`, `sep`, `mask` and `pad`, and every
+dataset hashes `unique_identifiers` into its cache file names. This adapter answers those from
+the folder's tokenizer.json with the Rust `tokenizers` library (no transformers import).
+
+megatron.core is imported when this module is imported: keep it out of CLI start-up paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from megatron.core.tokenizers import MegatronTokenizerBase
+from tokenizers import Tokenizer
+
+from tokenization.train import load_backend
+
+# Names tried, in order, when the folder's config files do not name a special token.
+_FALLBACK = {
+    "cls": ("[CLS]", "<s>", "<cls>"),
+    "sep": ("[SEP]", "</s>", "<sep>"),
+    "mask": ("[MASK]", "<mask>"),
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "bos": ("<|endoftext|>", "<s>", "[CLS]"),
+    "eos": ("<|endoftext|>", "</s>", "[SEP]"),
+}
+# The end-of-document marker of a causal corpus: what GPT-2/Llama-style pretraining puts
+# between documents, whatever the chat-tuned eos of the folder says.
+_EOD_NAMES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+def _named_specials(folder: Path) -> dict[str, str]:
+    """Special-token strings named by the transformers config files of the folder."""
+    named: dict[str, str] = {}
+    for fname in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = folder / fname
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for role in ("cls", "sep", "mask", "pad", "unk", "bos", "eos"):
+            v = data.get(f"{role}_token")
+            if isinstance(v, dict):  # AddedToken serialised as a dict
+                v = v.get("content")
+            if isinstance(v, str) and role not in named:
+                named[role] = v
+    return named
+
+
+class MegatronTokenizer(MegatronTokenizerBase):
+    """A tokenizer folder (or tokenizer.json) as megatron-core's datasets want it."""
+
+    def __init__(self, path: str | Path, **kwargs) -> None:
+        tok, folder, text = load_backend(path)
+        super().__init__(str(path), {}, **kwargs)
+        # Measuring and packing need every token: no truncation, no padding, no [CLS]/[SEP].
+        tok.no_truncation()
+        tok.no_padding()
+        self._tok = tok
+        self._vocab = tok.get_vocab(with_added_tokens=True)
+        self._inv = {i: t for t, i in self._vocab.items()}
+        self.model_type = json.loads(text)["model"]["type"]  # WordPiece | BPE | Unigram | ...
+        named = _named_specials(folder)
+        self._ids: dict[str, int | None] = {}
+        for role, names in _FALLBACK.items():
+            cands = ((named[role],) if role in named else ()) + names
+            self._ids[role] = next((self._vocab[n] for n in cands if n in self._vocab), None)
+        if self.model_type == "WordPiece":
+            eod = self._ids["sep"]
+        else:
+            eod = next((self._vocab[n] for n in _EOD_NAMES if n in self._vocab), self._ids["eos"])
+        if eod is None:
+            raise ValueError(f"{path}: tokenizer has no end-of-document token "
+                             f"(one of [SEP], {', '.join(_EOD_NAMES)})")
+        self._ids["eod"] = eod
+        self.unique_identifiers = {
+            "class": type(self).__name__,
+            "tokenizer_json_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        }
+
+    # --- megatron's abstract interface ---------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        # the unpadded size every id fits in (equal to the entry count unless ids have holes)
+        return max(self._tok.get_vocab_size(with_added_tokens=True), max(self._inv) + 1)
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("chat templates are not used for pretraining")
+
+    # --- what megatron's datasets read ---------------------------------------------------
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return self._inv
+
+    @property
+    def cls(self) -> int | None:
+        return self._ids["cls"]
+
+    @property
+    def sep(self) -> int | None:
+        return self._ids["sep"]
+
+    @property
+    def mask(self) -> int | None:
+        return self._ids["mask"]
+
+    @property
+    def pad(self) -> int:
+        # Missing pad raises instead of returning None: megatron's datasets catch the error
+        # and pad with -1, where a None would break numpy padding later.
+        if self._ids["pad"] is None:
+            raise AttributeError("this tokenizer has no pad token")
+        return self._ids["pad"]
+
+    @property
+    def unk(self) -> int | None:
+        return self._ids["unk"]
+
+    @property
+    def bos(self) -> int | None:
+        return self._ids["bos"]
+
+    @property
+    def eos(self) -> int | None:
+        return self._ids["eos"]
+
+    @property
+    def eod(self) -> int:
+        return self._ids["eod"]
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The Rust tokenizer (truncation and padding off): batch encoding for packing."""
+        return self._tok
