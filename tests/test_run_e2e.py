@@ -171,8 +171,9 @@ def test_export_logits_equal_megatron_on_padded_heldout_text(smoke):
     run_dir = smoke["run_dir"]
     hf_dir = run_dir / "export" / "hf"
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    texts = [json.loads(l)["text"] for l in
-             _read_gz_lines(next((run_dir / "corpus" / "heldout").rglob("*.jsonl.gz")))][:4]
+    docs = [json.loads(l)["text"] for l in
+            _read_gz_lines(next((run_dir / "corpus" / "heldout").rglob("*.jsonl.gz")))][:4]
+    texts = [d[:60 * (i + 1)] for i, d in enumerate(docs)]   # uneven lengths: real padding
     enc = tok(texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt")
     assert (enc["attention_mask"] == 0).any()        # really padded
 

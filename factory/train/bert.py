@@ -1,0 +1,213 @@
+"""The Hugging Face BERT architecture, exactly, in megatron-core 0.16.1.
+
+megatron-core's own BertModel is pre-LayerNorm and has no Hugging Face twin. HF BERT is
+post-LayerNorm: LayerNorm after the embeddings, LayerNorm after each residual add, no final
+LayerNorm. Three small subclasses get there without patching megatron (recipe and measured
+facts: ../shared/MEGATRON_CPU.md, "Hugging Face conversion"):
+
+- `PostLNTransformerLayer`: attention -> residual add -> `input_layernorm`; MLP -> residual
+  add -> `pre_mlp_layernorm`. The stock norm modules serve as the two post-LNs, so parameter
+  names stay stock and the TP/sharding logic of every submodule is megatron's own.
+- `HFBertEmbedding`: word + token type + position, then LayerNorm, then dropout (HF's order).
+- `HFBertModel`: a layer-norm-free block spec, a key-only padding mask, and a forward that
+  returns one tensor (per-token loss or logits) instead of (x, binary_logits).
+
+Everything here imports megatron.core at module level: import this module lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.bert.bert_layer_specs import LNImpl, bert_layer_local_spec
+from megatron.core.models.bert.bert_model import BertModel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.utils import make_viewless_tensor
+
+from factory.train.models import PADDED_VOCAB_BIAS, ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+class PostLNTransformerLayer(TransformerLayer):
+    """HF BERT's post-LN layer. `input_layernorm` is the LN after attention (HF
+    attention.output.LayerNorm), `pre_mlp_layernorm` the LN after the MLP (HF output.LayerNorm)."""
+
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
+        # hidden_states: [s, b, h]
+        residual = hidden_states
+        attention_output_with_bias = self.self_attention(
+            hidden_states, attention_mask=attention_mask, inference_context=inference_context,
+            rotary_pos_emb=rotary_pos_emb, attention_bias=attention_bias,
+            packed_seq_params=packed_seq_params, sequence_len_offset=sequence_len_offset)
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.self_attn_bda(self.training, self.config.bias_dropout_fusion)(
+                attention_output_with_bias, residual, self.hidden_dropout)
+        hidden_states = self.input_layernorm(hidden_states)
+
+        residual = hidden_states
+        mlp_output_with_bias = self.mlp(hidden_states)
+        with self.bias_dropout_add_exec_handler():
+            hidden_states = self.mlp_bda(self.training, self.config.bias_dropout_fusion)(
+                mlp_output_with_bias, residual, self.hidden_dropout)
+        hidden_states = self.pre_mlp_layernorm(hidden_states)
+        # The bias-dropout-add may return a view; megatron's checkpointing rejects views.
+        output = make_viewless_tensor(hidden_states, requires_grad=hidden_states.requires_grad,
+                                      keep_graph=True)
+        return output, context
+
+
+def post_ln_layer_spec() -> ModuleSpec:
+    """bert_layer_local_spec's submodules in a PostLNTransformerLayer.
+
+    The stock spec maps `input_layernorm.` to `self_attention.linear_qkv.layer_norm_` in
+    checkpoints (the pre-LN TE layout). Here that norm is a post-LN, so the map is dropped:
+    a checkpoint of this model must not load silently into a pre-LN BERT.
+    """
+    sub = bert_layer_local_spec.submodules
+    return ModuleSpec(module=PostLNTransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
+        self_attn_bda=sub.self_attn_bda, pre_mlp_layernorm=sub.pre_mlp_layernorm,
+        mlp=sub.mlp, mlp_bda=sub.mlp_bda))
+
+
+class HFBertEmbedding(LanguageModelEmbedding):
+    """Embeddings in HF BERT's order: (word + token type + position) -> LayerNorm -> dropout."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layernorm = LNImpl(config=self.config, hidden_size=self.config.hidden_size,
+                                eps=self.config.layernorm_epsilon)
+
+    def forward(self, input_ids, position_ids, tokentype_ids=None):
+        embeddings = self.word_embeddings(input_ids)  # [b, s, h]
+        if self.tokentype_embeddings is not None:
+            if tokentype_ids is None:
+                tokentype_ids = torch.zeros_like(input_ids)
+            embeddings = embeddings + self.tokentype_embeddings(tokentype_ids)
+        embeddings = embeddings + self.position_embeddings(position_ids)
+        embeddings = embeddings.transpose(0, 1).contiguous()  # [s, b, h]
+        embeddings = self.layernorm(embeddings)
+        if self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(
+                embeddings, group=self.tp_group).clone()
+            with get_cuda_rng_tracker().fork():
+                return self.embedding_dropout(embeddings)
+        return self.embedding_dropout(embeddings)
+
+
+class HFBertModel(BertModel):
+    """BertModel with HF BERT's layer, embeddings and block (no final LayerNorm)."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
+                 num_tokentypes: int = 2):
+        block = TransformerBlockSubmodules(
+            layer_specs=[post_ln_layer_spec()] * config.num_layers, layer_norm=None)
+        super().__init__(config=config, num_tokentypes=num_tokentypes,
+                         transformer_layer_spec=block, vocab_size=vocab_size,
+                         max_sequence_length=max_sequence_length,
+                         # parallel_output=False breaks the training loss (an in-place op on
+                         # a gathered view); TP=1 logits are whole either way.
+                         parallel_output=True, share_embeddings_and_output_weights=True,
+                         position_embedding_type="learned_absolute", add_binary_head=False)
+        if self.pre_process:
+            self.embedding = HFBertEmbedding(config=config, vocab_size=vocab_size,
+                                             max_sequence_length=max_sequence_length,
+                                             num_tokentypes=num_tokentypes)
+            # Re-tie the output layer to the new word embeddings.
+            self.setup_embeddings_and_output_layer()
+
+    def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
+        # Key-only mask [b,1,1,s]: pad query rows then attend like HF's (a [b,1,s,s] product
+        # mask would blank them); broadcasting does the rest in the unfused softmax.
+        return "b11s"
+
+    def forward(self, input_ids, attention_mask=None, tokentype_ids=None, lm_labels=None,
+                inference_context=None, **kwargs):
+        """Per-token loss [b,s] (fp32) when lm_labels is given, else logits [b,s,vocab]."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tokentype_ids is None and self.pre_process and \
+                self.embedding.tokentype_embeddings is not None:
+            tokentype_ids = torch.zeros_like(input_ids)
+        out, _ = super().forward(input_ids, attention_mask, tokentype_ids=tokentype_ids,
+                                 lm_labels=lm_labels, inference_context=inference_context)
+        return out
+
+
+def transformer_config(cfg: ModelConfig) -> TransformerConfig:
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
+        layernorm_epsilon=cfg.layernorm_epsilon, init_method_std=cfg.init_method_std,
+        # HF BERT: exact erf GELU, biases everywhere, LayerNorm.
+        activation_func=F.gelu, add_bias_linear=True, add_qkv_bias=True,
+        normalization="LayerNorm", gated_linear_unit=False,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        # Off on GPU too: megatron's fused bias-GELU is the tanh approximation, not HF's erf
+        # GELU; the other fusions need apex/TE. The unfused paths are what HF computes.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
+        use_cpu_initialization=on_cpu, params_dtype=torch.float32)
+
+
+def build_bert(cfg: ModelConfig) -> HFBertModel:
+    """A fresh HF-architecture BERT; padded vocabulary rows get PADDED_VOCAB_BIAS."""
+    if cfg.family != "bert":
+        raise ValueError(f"build_bert needs family bert, got {cfg.family!r}")
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        # The block spec lists every layer and the model is built whole (pre and post process).
+        raise NotImplementedError("bert: pipeline parallel is not supported; use tensor or "
+                                  "data parallel")
+    model = HFBertModel(transformer_config(cfg), vocab_size=cfg.padded_vocab_size,
+                        max_sequence_length=cfg.max_position_embeddings,
+                        num_tokentypes=cfg.type_vocab_size)
+    _mask_padded_vocab(model, cfg)
+    return model
+
+
+def _mask_padded_vocab(model: HFBertModel, cfg: ModelConfig) -> None:
+    if not model.post_process or cfg.padded_vocab_size == cfg.vocab_size:
+        return
+    bias = model.output_layer.bias  # this rank's vocabulary shard
+    rows = bias.shape[0]
+    start = parallel_state.get_tensor_model_parallel_rank() * rows
+    first_padded = max(cfg.vocab_size - start, 0)
+    if first_padded < rows:
+        with torch.no_grad():
+            bias[first_padded:].fill_(PADDED_VOCAB_BIAS)
+    log.debug("padded vocabulary rows %d..%d get logit bias %g", cfg.vocab_size,
+              cfg.padded_vocab_size - 1, PADDED_VOCAB_BIAS)
+
+
+def hidden_states(model: HFBertModel, input_ids, attention_mask, tokentype_ids=None):
+    """The encoder's last hidden states [b,s,h] (HF's `last_hidden_state`), for tests/probes."""
+    if tokentype_ids is None:
+        tokentype_ids = torch.zeros_like(input_ids)
+    position_ids = model.bert_position_ids(input_ids)
+    emb = model.embedding(input_ids=input_ids, position_ids=position_ids,
+                          tokentype_ids=tokentype_ids)
+    h = model.encoder(hidden_states=emb,
+                      attention_mask=model.bert_extended_attention_mask(attention_mask))
+    return h.transpose(0, 1)
+
+
+__all__ = ["HFBertModel", "PostLNTransformerLayer", "HFBertEmbedding", "build_bert",
+           "transformer_config", "hidden_states", "PADDED_VOCAB_BIAS"]
