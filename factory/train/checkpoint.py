@@ -1,0 +1,163 @@
+"""Training checkpoints that a kill at any moment cannot leave looking complete.
+
+Layout (pretrain/ contract):
+    checkpoints/iter_NNNNNNN/model/            megatron dist_checkpointing of model.sharded_state_dict()
+    checkpoints/iter_NNNNNNN/extra/rank00000.pt optimizer, RNG states, step, consumed samples
+    checkpoints/latest.txt                     the newest complete step
+
+A checkpoint is written into `.tmp_iter_NNNNNNN`, renamed when whole, and only then named in
+latest.txt (replaced atomically). Readers trust latest.txt alone, so a half-written folder
+is never loaded; leftovers are swept on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from factory.stage import UserError
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest.txt"
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def iter_dir(root: Path, step: int) -> Path:
+    return root / f"iter_{step:07d}"
+
+
+def latest_step(root: Path) -> int | None:
+    """The step named in latest.txt, or None when there is no complete checkpoint."""
+    path = root / LATEST
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit() or not iter_dir(root, int(text)).is_dir():
+        raise UserError(f"{path}: names step {text!r} but no such checkpoint folder exists; "
+                        "delete the pretrain output folder to start over")
+    return int(text)
+
+
+def sweep_incomplete(root: Path) -> None:
+    """Remove folders of saves that were interrupted (never renamed)."""
+    if root.is_dir():
+        for p in root.glob(".tmp_iter_*"):
+            log.info("removing interrupted checkpoint %s", p.name)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG the training step draws from, in a form torch.load(weights_only=True) reads."""
+    from megatron.core import tensor_parallel
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": random.getstate(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_states(s: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["gauss"]))
+    version, state, gauss = s["python"]
+    random.setstate((version, tuple(state), gauss))
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         consumed_samples: int, keep_steps: set[int] | None = None) -> Path:
+    """Write checkpoint `step` atomically, point latest.txt at it, prune to `keep_steps`."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_iter_{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "model").mkdir(parents=True)
+        (tmp / "extra").mkdir()
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    extra = {"step": step, "consumed_samples": consumed_samples,
+             "optimizer": optimizer.state_dict(), "rng": rng_states()}
+    _write(tmp / "extra" / f"rank{rank:05d}.pt", lambda f: torch.save(extra, f))
+    _barrier()
+    final = iter_dir(root, step)
+    if rank == 0:
+        if final.exists():      # an earlier attempt got this far but never updated latest.txt
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write(root / LATEST, lambda f: f.write(f"{step}\n".encode()))
+        if keep_steps is not None:
+            prune(root, keep_steps | {step})
+    _barrier()
+    log.info("checkpoint %s", final)
+    return final
+
+
+def prune(root: Path, keep_steps: set[int]) -> None:
+    for p in root.iterdir():
+        m = _ITER.match(p.name)
+        if m and int(m.group(1)) not in keep_steps:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load(root: Path, step: int, model: torch.nn.Module,
+         optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states of checkpoint `step`; returns the extra dict."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    folder = iter_dir(root, step)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    extra_path = folder / "extra" / f"rank{rank:05d}.pt"
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(folder / "model"))
+        model.load_state_dict(state)
+        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise UserError(f"{folder}: cannot load checkpoint ({e.__class__.__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); delete the pretrain "
+                        "output folder to start over") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(extra["optimizer"])
+    set_rng_states(extra["rng"])
+    return extra
+
+
+def _write(path: Path, fill) -> None:
+    """Write via a temporary name + fsync + rename, so readers see all or nothing."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

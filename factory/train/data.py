@@ -1,0 +1,191 @@
+"""Training samples from a pack/ folder through megatron-core's datasets.
+
+GPT: `GPTDataset`; BERT: `BERTMaskedWordPieceDataset` (80/10/10 masking, whole words via the
+tokenizer's `##` continuations, no next-sentence head); sources blended with
+`BlendedMegatronDatasetBuilder` by the pack.json weights. Megatron derives every sample from
+(seed, index) alone (shuffles are seeded, BERT masking reseeds per index), so the data position
+of a run is just the number of samples it has consumed: step s reads samples
+[(s-1) * global_batch, s * global_batch). Nothing to save, nothing to fast-forward.
+
+Both datasets need an initialised process group (factory.train.parallel.init) and write their
+index caches under `cache_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from factory.stage import UserError
+
+log = logging.getLogger(__name__)
+
+# Megatron-LM's pretrain_bert.py default: 10% of samples are shorter than seq_length, so the
+# model also sees short inputs (Devlin et al. 2019, A.2).
+SHORT_SEQUENCE_PROBABILITY = 0.1
+
+
+@dataclass(frozen=True)
+class Blend:
+    prefixes: list[str]      # absolute IndexedDataset prefixes
+    weights: list[float]     # normalised
+    names: list[str]
+
+
+def read_blend(pack_dir: Path) -> Blend:
+    """The training sources of a pack/ folder and their weights (pack.json)."""
+    meta_path = pack_dir / "pack.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        sources = meta["sources"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{meta_path}: not a readable pack.json ({e.__class__.__name__}: {e}); "
+                        "rerun the pack stage") from None
+    names, prefixes, weights = [], [], []
+    for name, s in sources.items():
+        prefix = pack_dir / s["prefix"]
+        for ext in (".bin", ".idx"):
+            if not prefix.with_name(prefix.name + ext).is_file():
+                raise UserError(f"{meta_path}: source {name!r} has no {prefix.name}{ext}; "
+                                "rerun the pack stage")
+        if s.get("tokens", 1) <= 0:
+            raise UserError(f"{meta_path}: source {name!r} holds no tokens; check the corpus")
+        names.append(name)
+        prefixes.append(str(prefix))
+        weights.append(float(s["weight"]))
+    if not names:
+        raise UserError(f"{meta_path}: no training sources; rerun the pack stage")
+    total = sum(weights)
+    return Blend(prefixes, [w / total for w in weights], names)
+
+
+def load_tokenizer(tokenizer_dir: Path):
+    """The megatron tokenizer adapter over a vocab/tokenizer folder."""
+    from tokenization.megatron import MegatronTokenizer
+
+    return MegatronTokenizer(tokenizer_dir)
+
+
+def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenizer,
+                        seq_length: int, num_samples: int, seed: int, cache_dir: Path,
+                        mask_prob: float = 0.15) -> "TrainData":
+    """The blended training dataset with at least `num_samples` samples."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+
+    blend = read_blend(pack_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    if family == "bert":
+        tokenizer = _IdOrdered(tokenizer)
+    # One source: no blending layer (megatron builds the mid-level dataset directly).
+    weights = blend.weights if len(blend.prefixes) > 1 else None
+    common = dict(random_seed=seed, sequence_length=seq_length,
+                  blend=(blend.prefixes, weights), split="1,0,0",
+                  path_to_cache=str(cache_dir), tokenizer=tokenizer)
+    if family == "gpt":
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+        cls = GPTDataset
+        config = GPTDatasetConfig(**common, reset_position_ids=False,
+                                  reset_attention_mask=False, eod_mask_loss=False,
+                                  create_attention_mask=False)
+    elif family == "bert":
+        from megatron.core.datasets.bert_dataset import (
+            BERTMaskedWordPieceDataset,
+            BERTMaskedWordPieceDatasetConfig,
+        )
+
+        cls = BERTMaskedWordPieceDataset
+        # Whole-word unigram masking as BERT and PubMedBERT do (megatron's pretrain_bert.py
+        # masks up to 3-grams; here masking_max_ngram=1).
+        config = BERTMaskedWordPieceDatasetConfig(
+            **common, masking_probability=mask_prob,
+            short_sequence_probability=SHORT_SEQUENCE_PROBABILITY, masking_max_ngram=1,
+            masking_do_full_word=True, masking_do_permutation=False,
+            masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
+            classification_head=False)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    with warnings.catch_warnings():
+        if family == "gpt":
+            # GPT tokenizers often pad with their end-of-document token; megatron then stops
+            # treating that id as padding and warns. Packed GPT samples hold no padding.
+            warnings.filterwarnings("ignore", message="The pad token id in the tokenizer")
+        train, _, _ = BlendedMegatronDatasetBuilder(
+            cls, [num_samples, 0, 0], lambda: True, config).build()
+    if train is None or len(train) < num_samples:
+        raise UserError(f"{pack_dir}: the pack yields {0 if train is None else len(train)} "
+                        f"training samples, {num_samples} needed")
+    log.info("training data: %d samples from %s", len(train),
+             ", ".join(f"{n} ({w:.2f})" for n, w in zip(blend.names, blend.weights)))
+    return TrainData(family, train, seq_length)
+
+
+class _IdOrdered:
+    """A tokenizer whose inv_vocab iterates in id order.
+
+    BERT's 10% random replacements index `list(tokenizer.inv_vocab)`; built from a Rust
+    `get_vocab()` (a hash map) that order changes from process to process, and with it every
+    sample, which would break exact resume and make ranks disagree.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+        self.inv_vocab = dict(sorted(tokenizer.inv_vocab.items()))
+        self.unique_identifiers = tokenizer.unique_identifiers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+
+class TrainData:
+    """Index-addressed batches: `batch(start, count)` is samples [start, start + count)."""
+
+    def __init__(self, family: str, dataset: Any, seq_length: int):
+        self.family = family
+        self.dataset = dataset
+        self.seq_length = seq_length
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, index: int) -> dict[str, Any]:
+        return self.dataset[index]
+
+    def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        """Model inputs as int64/float tensors:
+        bert: tokens, labels, loss_mask, attention_mask [b,s] (1 = real token), types;
+        gpt:  tokens, labels, loss_mask, position_ids."""
+        items = [self.dataset[i] for i in range(start, start + count)]
+        if self.family == "bert":
+            out = {
+                "tokens": _stack(items, "text"),
+                # megatron marks unmasked labels -1; its loss wants valid ids + a loss mask.
+                "labels": _stack(items, "labels").clamp_min(0),
+                "loss_mask": _stack(items, "loss_mask").float(),
+                "attention_mask": _stack(items, "padding_mask"),
+                "types": _stack(items, "types"),
+            }
+        else:
+            out = {
+                "tokens": _stack(items, "tokens"),
+                "labels": _stack(items, "labels"),
+                "loss_mask": _stack(items, "loss_mask").float(),
+                "position_ids": _stack(items, "position_ids"),
+            }
+        return out
+
+
+def _stack(items: list[dict], key: str) -> torch.Tensor:
+    vals = [it[key] for it in items]
+    if isinstance(vals[0], torch.Tensor):
+        return torch.stack(vals).long()
+    return torch.from_numpy(np.stack(vals)).long()
