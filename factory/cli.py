@@ -35,6 +35,9 @@ def _setup_logging(console) -> None:
                         force=True)
     for name in ("factory", "tokenization"):
         logging.getLogger(name).setLevel(logging.INFO)
+    # Our progress bars and logs replace theirs; a fresh fine-tuning head is expected, not news.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Expected on CPU; megatron repeats it at every import of its optimizer modules.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
@@ -82,8 +85,8 @@ def run(
     target = run_dir or runner.default_run_dir(loaded, tracking.runs_root())
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=True) as progress:
-        summary = runner.run(loaded, target, force=force, only=only, rich_progress=progress)
+    summary = runner.run(loaded, target, force=force, only=only,
+                         progress=lambda: Progress(*columns, console=console, transient=True))
     _print_summary(summary)
 
 

@@ -11,7 +11,6 @@ pack/{unigram_counts.npy,pack.json}; writes results.json:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from factory.manifest import Task
+from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class EvaluateStage(Stage):
             for f in NER_FILES:
                 p = Path(t.data) / f
                 if p.is_file():
-                    out[f"{t.name}/{f}"] = _sha256(p)
+                    out[f"{t.name}/{f}"] = file_digest([p])
         return out
 
     def run(self, ctx: StageContext) -> dict[str, float]:
@@ -181,11 +181,3 @@ class _Tracks:
         self.done = done
         if phase == "train" and values and (done % LOG_EVERY == 0 or done == total):
             self.ctx.log.metrics({f"{self.prefix}_{k}": v for k, v in values.items()}, step=done)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from factory.bench.ner import NerOptions
 from factory.train.sizes import SIZES
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -138,6 +139,8 @@ class Training(_Strict):
     checkpoint_interval: int = Field(gt=0)
     log_interval: int = Field(10, gt=0)
     mask_prob: float | None = Field(None, gt=0, lt=1, description="Masked-LM share (bert only)")
+    whole_word_masking: bool | None = Field(
+        None, description="Mask every piece of a chosen word (bert only; default true)")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -163,17 +166,12 @@ class Training(_Strict):
         return int(round((s.warmup_fraction or 0.0) * self.total_steps))
 
 
-class Task(_Strict):
+class Task(NerOptions):
+    """A benchmark task: where its data is, plus its fine-tuning settings (NerOptions)."""
+
     name: str = Field(pattern=NAME)
     kind: Literal["ner"]
     data: str = Field(description="Folder with train.tsv, devel.tsv, test.tsv (token<TAB>IOB tag)")
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(16, gt=0)
-    max_seq_length: int = Field(128, gt=8)
-    max_train_sentences: int | None = Field(None, gt=0)
-    max_test_sentences: int | None = Field(None, gt=0)
-    seed: int = 42
 
 
 class Evaluation(_Strict):
@@ -244,8 +242,9 @@ class Manifest(_Strict):
                                  "(whole-word masking needs WordPiece); use wordpiece"))
             if self.family == "gpt" and kind == "wordpiece":
                 problems.append(("tokenizer.kind", "gpt needs bpe, byte_bpe or unigram"))
-        if self.family == "gpt" and self.training.mask_prob is not None:
-            problems.append(("training.mask_prob", "only for family bert"))
+        for f in ("mask_prob", "whole_word_masking"):
+            if self.family == "gpt" and getattr(self.training, f) is not None:
+                problems.append((f"training.{f}", "only for family bert"))
         if problems:
             raise _Problems(problems)
         return self

@@ -9,6 +9,7 @@ to the rerun of the same key (the pretrain stage resumes from its checkpoints th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -104,8 +105,13 @@ def check(planned: list[Planned], only: str | None) -> None:
 
 
 def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None = None,
-        tracker_factory: Callable[[str], Any] | None = None, rich_progress=None) -> dict:
-    """Run (or reuse) every stage; returns the summary also written to RUN/summary.json."""
+        tracker_factory: Callable[[str], Any] | None = None,
+        progress: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict:
+    """Run (or reuse) every stage; returns the summary also written to RUN/summary.json.
+
+    `progress` makes the rich Progress display; it starts only once every check has passed,
+    so a user error prints alone.
+    """
     if only is not None and only not in STAGES:
         raise UserError(f"--only {only!r}: unknown stage (stages: {', '.join(STAGES)})")
     run_dir = run_dir.resolve()
@@ -135,20 +141,13 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
                    "run_id": parent.run_id},
         "stages": {},
     }
-    progress = Progress(rich_progress) if rich_progress is not None else None
     model_name = f"{loaded.manifest.name}-{loaded.manifest.family}"
     status = "FINISHED"
+    display = progress() if progress is not None else contextlib.nullcontext()
     try:
-        for pl in planned:
-            name = pl.stage.name
-            if only is not None and name != only:
-                summary["stages"][name] = _entry(Outcome("skipped", run_dir / name, 0.0))
-                continue
-            outcome = _run_one(pl, run_dir, force, tracker, parent, progress, model_name)
-            summary["stages"][name] = _entry(outcome)
-            parent.metrics({f"{name}.{k}": v for k, v in outcome.metrics.items()})
-            parent.flush()
-            _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        with display as rich_progress:
+            _run_all(planned, run_dir, force, only, tracker, parent, summary, model_name,
+                     Progress(rich_progress) if rich_progress is not None else None)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
@@ -156,6 +155,20 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
         parent.end(status)
     return summary
+
+
+def _run_all(planned: list[Planned], run_dir: Path, force: bool, only: str | None, tracker,
+             parent, summary: dict, model_name: str, progress: Progress | None) -> None:
+    for pl in planned:
+        name = pl.stage.name
+        if only is not None and name != only:
+            summary["stages"][name] = _entry(Outcome("skipped", run_dir / name, 0.0))
+            continue
+        outcome = _run_one(pl, run_dir, force, tracker, parent, progress, model_name)
+        summary["stages"][name] = _entry(outcome)
+        parent.metrics({f"{name}.{k}": v for k, v in outcome.metrics.items()})
+        parent.flush()
+        _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
 
 
 def _entry(o: Outcome) -> dict:

@@ -7,7 +7,6 @@ tokenizer's fertility on the held-out text).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -80,10 +80,7 @@ class VocabStage(Stage):
     def fingerprint(self) -> dict[str, str]:
         if self.config.source != "base":
             return {}
-        h = hashlib.sha256()
-        for f in self._base_files():
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-        return {"base_tokenizer": h.hexdigest()}
+        return {"base_tokenizer": file_digest(self._base_files())}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         from tokenization.fertility import fertility_report

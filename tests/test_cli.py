@@ -43,3 +43,38 @@ def test_missing_corpus_fails_before_any_work(factory_cli, tmp_path):
 def test_unknown_only_stage(factory_cli):
     r = factory_cli("run", "domains/biomedical.yaml", "--scale", "smoke", "--only", "nope")
     assert r.returncode == 2 and "unknown stage" in r.stderr
+
+
+def test_ui_serves_the_store(tmp_path):
+    """`factory ui` starts MLflow's UI on the factory's store and prints its URL."""
+    import os
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.conftest import FACTORY
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "FACTORY_RUNS_ROOT": str(tmp_path / "runs")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen([*FACTORY, "ui", "--port", str(port)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        first = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in first and str(tmp_path / "runs") in first
+        deadline, body = time.time() + 90, ""
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    body = r.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert body.strip() == "OK"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)

@@ -66,7 +66,10 @@ class MegatronTokenizer(MegatronTokenizerBase):
         tok.no_padding()
         self._tok = tok
         self._vocab = tok.get_vocab(with_added_tokens=True)
-        self._inv = {i: t for t, i in self._vocab.items()}
+        # In id order: megatron's BERT dataset draws its 10% random replacements by position
+        # in `list(inv_vocab)`, and the Rust vocabulary is a hash map whose order changes from
+        # process to process (every sample would change, breaking exact resume).
+        self._inv = {i: t for t, i in sorted(self._vocab.items(), key=lambda kv: kv[1])}
         self.model_type = json.loads(text)["model"]["type"]  # WordPiece | BPE | Unigram | ...
         named = _named_specials(folder)
         self._ids: dict[str, int | None] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -99,16 +99,6 @@ def _hub_revision(dataset_id: str) -> str:
     from huggingface_hub import HfApi
 
     return HfApi().dataset_info(dataset_id, timeout=10).sha or "unknown"
-
-
-def _hash_files(files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -252,10 +242,10 @@ class CorpusStage(Stage):
             key = f"source:{s.name}"
             if s.path is not None:
                 files = source_files(s.path)
-                fp[key] = _hash_files(files) if files else "missing"
+                fp[key] = file_digest(files) if files else "missing"
             elif os.path.isabs(s.hf_dataset.id) and Path(s.hf_dataset.id).is_dir():
                 files = sorted(p for p in Path(s.hf_dataset.id).rglob("*") if p.is_file())
-                fp[key] = _hash_files(files)
+                fp[key] = file_digest(files)
             else:
                 try:
                     fp[key] = "hub:" + _hub_revision(s.hf_dataset.id)

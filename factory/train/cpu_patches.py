@@ -6,6 +6,8 @@ megatron unmodified. Facts behind each line: ../shared/MEGATRON_CPU.md ("Patches
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 _applied = False
@@ -30,5 +32,8 @@ def apply() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     # Not torch.manual_seed inside the lambda: it calls torch.cuda.manual_seed and recurses.
     torch.cuda.manual_seed = lambda s: torch.default_generator.manual_seed(int(s))
+    # The tracker's "CUDA" state is now the CPU generator, so every dropout fork trips
+    # megatron's "CPU RNG state changed" warning by design: noise, twice a step.
+    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     _applied = True
     return True

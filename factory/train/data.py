@@ -75,7 +75,8 @@ def load_tokenizer(tokenizer_dir: Path):
 
 def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenizer,
                         seq_length: int, num_samples: int, seed: int, cache_dir: Path,
-                        mask_prob: float = 0.15) -> "TrainData":
+                        mask_prob: float = 0.15, whole_word_masking: bool = True
+                        ) -> "TrainData":
     """The blended training dataset with at least `num_samples` samples."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -83,8 +84,6 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
 
     blend = read_blend(pack_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    if family == "bert":
-        tokenizer = _IdOrdered(tokenizer)
     # One source: no blending layer (megatron builds the mid-level dataset directly).
     weights = blend.weights if len(blend.prefixes) > 1 else None
     common = dict(random_seed=seed, sequence_length=seq_length,
@@ -109,7 +108,7 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
         config = BERTMaskedWordPieceDatasetConfig(
             **common, masking_probability=mask_prob,
             short_sequence_probability=SHORT_SEQUENCE_PROBABILITY, masking_max_ngram=1,
-            masking_do_full_word=True, masking_do_permutation=False,
+            masking_do_full_word=whole_word_masking, masking_do_permutation=False,
             masking_use_longer_ngrams=False, masking_use_geometric_distribution=False,
             classification_head=False)
     else:
@@ -127,23 +126,6 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
     log.info("training data: %d samples from %s", len(train),
              ", ".join(f"{n} ({w:.2f})" for n, w in zip(blend.names, blend.weights)))
     return TrainData(family, train, seq_length)
-
-
-class _IdOrdered:
-    """A tokenizer whose inv_vocab iterates in id order.
-
-    BERT's 10% random replacements index `list(tokenizer.inv_vocab)`; built from a Rust
-    `get_vocab()` (a hash map) that order changes from process to process, and with it every
-    sample, which would break exact resume and make ranks disagree.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self._tokenizer = tokenizer
-        self.inv_vocab = dict(sorted(tokenizer.inv_vocab.items()))
-        self.unique_identifiers = tokenizer.unique_identifiers
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._tokenizer, name)
 
 
 class TrainData:

@@ -63,7 +63,7 @@ def forward_loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Ten
     """Per-token loss [b, s] from megatron's forward."""
     if family == "bert":
         return model(batch["tokens"], batch["attention_mask"], tokentype_ids=batch["types"],
-                     lm_labels=batch["labels"])
+                     lm_labels=batch["labels"], loss_mask=batch["loss_mask"])
     # Causal attention builds its own mask when none is given.
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 

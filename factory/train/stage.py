@@ -10,7 +10,6 @@ run's.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from factory.manifest import Training
+from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -106,16 +106,9 @@ class PretrainStage(Stage):
     def fingerprint(self) -> dict[str, str]:
         if self.config.strategy != "continued" or not self.config.base:
             return {}
-        h = hashlib.sha256()
-        for f in _weights(Path(self.config.base)):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        return {"base_weights": h.hexdigest()}
+        return {"base_weights": file_digest(_weights(Path(self.config.base)))}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        import torch
 
         from factory.train import checkpoint, data, loop, parallel
         from factory.train.models import build_model
@@ -123,10 +116,6 @@ class PretrainStage(Stage):
         c = self.config
         t = c.training
         parallel.init(seed=t.seed)
-        if not torch.cuda.is_available():
-            # On CPU the tracker's "CUDA" state is the CPU generator, so every dropout fork
-            # trips megatron's "CPU RNG state changed" warning by design: noise, twice a step.
-            logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
         tokenizer = data.load_tokenizer(ctx.inputs["vocab"] / "tokenizer")
         pack_dir = ctx.inputs["pack"]
         self._check_pack(pack_dir, tokenizer.vocab_size)
@@ -149,7 +138,8 @@ class PretrainStage(Stage):
                                          t.optimizer.weight_decay)
         train_data = data.build_train_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
-            t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15)
+            t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
+            whole_word_masking=t.whole_word_masking is not False)
         cfg = self._loop_config()
 
         metrics_path = ctx.out / "metrics.jsonl"
