@@ -39,7 +39,23 @@ def _setup_logging(console) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     # Expected on CPU; megatron repeats it at every import of its optimizer modules.
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    for expected in (".*Transformer Engine and Apex are not installed.*",
+                     ".*Apex is not installed.*", ".*full scope is deprecated.*",
+                     ".*Please use DTensor instead.*"):
+        warnings.filterwarnings("ignore", message=expected)
+
+
+def console_progress():
+    """Logging through rich on stderr, and the factory of the run's progress display."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    console = Console(stderr=True)
+    _setup_logging(console)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    return lambda: Progress(*columns, console=console, transient=True)
 
 
 @app.command()
@@ -70,24 +86,22 @@ def run(
     run_dir: Optional[Path] = typer.Option(None, help="Run directory (default: runs/NAME-SCALE)."),
     force: bool = typer.Option(False, help="Re-run every stage even when cached."),
     only: Optional[str] = typer.Option(None, help="Run only this stage (its inputs must exist)."),
+    until: Optional[str] = typer.Option(None, help="Run the stages up to and including this one."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
-    """Run the manifest's stages: corpus, vocab, pack, pretrain, export, evaluate."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    """Run the manifest's stages: corpus, vocab, pack, pretrain, export, evaluate.
 
+    Under torchrun (several ranks) it runs the pretrain stage on every rank; the other stages
+    run in one process before (--until pack) and after (a plain rerun finds pretrain cached).
+    """
     from factory import manifest as mf, runner, tracking
 
     loaded = mf.load(manifest, scale=scale, overrides=set_)
-    console = Console(stderr=True)
-    _setup_logging(console)
+    progress = console_progress()
     target = run_dir or runner.default_run_dir(loaded, tracking.runs_root())
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    summary = runner.run(loaded, target, force=force, only=only,
-                         progress=lambda: Progress(*columns, console=console, transient=True))
-    _print_summary(summary)
+    summary = runner.run(loaded, target, force=force, only=only, until=until, progress=progress)
+    if runner.world()[0] == 0:
+        _print_summary(summary)
 
 
 @app.command()
@@ -121,10 +135,16 @@ def _print_summary(summary: dict) -> None:
         table.add_row(name, s["status"], f"{s['seconds']:.1f}", shown)
     out.print(table)
     ml = summary["mlflow"]
-    out.print(f"Run directory: {summary['run_dir']}")
+    out.print(f"Run directory: {summary['run_dir']}  (report: {summary['run_dir']}/report.html)")
     out.print(f"MLflow run {ml['run_id']} in experiment {ml['experiment']!r} ({ml['tracking_uri']})")
     out.print("See it: `factory ui`, then open http://127.0.0.1:5000 "
               f"(experiment {ml['experiment']!r}, run {ml['run_id']}).")
+
+
+from factory import commands  # noqa: E402  (after app: the groups attach to it)
+
+for _group in commands.ALL:
+    _group.register(app)
 
 
 def main() -> None:

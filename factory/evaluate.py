@@ -1,16 +1,19 @@
-"""The evaluate stage: held-out loss against a unigram floor, and each benchmark task against
-its own floor (NER: a training-set dictionary tagger).
+"""The evaluate stage: held-out loss against a unigram floor, each NER task against its own
+floor (a training-set dictionary tagger), and the manifest's benchmark suites
+(factory.bench.runner) against the published scores.
 
 Reads export/hf (the Hugging Face model folder), corpus/heldout/*.jsonl.gz and
 pack/{unigram_counts.npy,pack.json}; writes results.json:
     {"heldout": {"heldout_loss", "heldout_unigram_loss", "heldout_tokens", "heldout_docs"},
      "tasks": {name: {"metric": "entity_f1", "f1", "precision", "recall", "dictionary_f1",
-                      "n_train", "n_test", ...}}}
+                      "n_train", "n_test", ...}},
+     "suites": {suite: the runner's results (tasks, groups, score, score_partial, ...)}}
+and for each suite bench_<suite>.json and bench_<suite>.md (the table beside the published
+scores).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -18,8 +21,10 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from factory.manifest import Task
+from factory.bench.session import Tracks as _Tracks
+from factory.bench.session import headline_metrics
 from factory.hashing import file_digest
+from factory.manifest import SuiteRun, Task
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -28,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 NER_FILES = ("train.tsv", "test.tsv")   # devel.tsv is not used: no model selection yet
-LOG_EVERY = 10                          # MLflow metric points per fine-tuning run: every Nth step
 
 
 class EvaluateStage(Stage):
@@ -41,15 +45,19 @@ class EvaluateStage(Stage):
         heldout_max_docs: int | None = Field(1000, gt=0)
         tasks: list[Task] = Field(default_factory=list,
                                   description="The manifest's tasks, `data` made absolute")
+        suites: list[SuiteRun] = Field(default_factory=list,
+                                       description="The manifest's suites, `data` absolute")
 
     @classmethod
-    def from_manifest(cls, loaded: "Loaded") -> "EvaluateStage":
+    def from_manifest(cls, loaded: Loaded) -> EvaluateStage:
         m = loaded.manifest
         ev = m.evaluation
         tasks = [t.model_copy(update={"data": str(loaded.resolve(t.data))}) for t in ev.tasks]
+        suites = [s.model_copy(update={"data": str(_suite_dir(s, loaded))}) for s in ev.suites]
         return cls(cls.Config(family=m.family, seq_length=m.training.seq_length,
                               heldout_loss=ev.heldout_loss,
-                              heldout_max_docs=ev.heldout_max_docs, tasks=tasks))
+                              heldout_max_docs=ev.heldout_max_docs, tasks=tasks,
+                              suites=suites))
 
     def check(self) -> list[str]:
         problems = []
@@ -64,6 +72,21 @@ class EvaluateStage(Stage):
                 problems.append(f"evaluation.tasks {t.name}: {folder} has no "
                                 f"{' or '.join(missing)} (an IOB folder needs train.tsv and "
                                 "test.tsv: token<TAB>tag lines)")
+        for i, s in enumerate(self.config.suites):
+            folders = _suite_folders(s)
+            if folders is None:
+                problems.append(f"evaluation.suites.{i} ({s.suite}): data folder {s.data} does "
+                                "not exist (point `data` at a folder with one sub-folder per "
+                                "task)")
+                continue
+            missing = [n for n, f in folders.items() if f is None]
+            if s.tasks and missing:
+                problems.append(f"evaluation.suites.{i} ({s.suite}): no folder for "
+                                f"{', '.join(missing)} under {s.data} (a sub-folder whose name "
+                                "starts with the task name)")
+            elif len(missing) == len(folders):
+                problems.append(f"evaluation.suites.{i} ({s.suite}): no task data under "
+                                f"{s.data}")
         return problems
 
     def fingerprint(self) -> dict[str, str]:
@@ -73,6 +96,11 @@ class EvaluateStage(Stage):
                 p = Path(t.data) / f
                 if p.is_file():
                     out[f"{t.name}/{f}"] = file_digest([p])
+        for s in self.config.suites:
+            for name, folder in (_suite_folders(s) or {}).items():
+                if folder is not None:
+                    files = sorted(p for p in folder.rglob("*") if p.is_file())
+                    out[f"{s.suite}/{name}"] = file_digest(files)
         return out
 
     def run(self, ctx: StageContext) -> dict[str, float]:
@@ -97,6 +125,13 @@ class EvaluateStage(Stage):
                 metrics[f"{task.name}_{k}"] = r[k]
             ctx.log.metrics({f"{task.name}_{k}": r[k] for k in
                              ("f1", "precision", "recall", "dictionary_f1")})
+
+        if cfg.suites:
+            results["suites"] = {}
+        for s in cfg.suites:
+            r = self._suite(ctx, hf, s)
+            results["suites"][s.suite] = r
+            metrics.update(headline_metrics(r))
 
         path = Path(ctx.out) / "results.json"
         path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -152,32 +187,30 @@ class EvaluateStage(Stage):
                 "n_test": r.n_test, "train_loss": r.train_loss,
                 "truncated_test_words": r.truncated_words, "seconds": r.seconds}
 
+    def _suite(self, ctx: StageContext, hf: Path, s: SuiteRun) -> dict:
+        from factory.bench.session import run_and_record
 
-class _Tracks:
-    """Turns a bench progress callback (phase, done, total, values) into one ctx.track bar per
-    phase, and the training phase's numbers into step metrics `<prefix>_<name>`."""
+        overrides = {k: getattr(s, k) for k in ("epochs", "lr", "batch_size", "max_seq_length")
+                     if getattr(s, k) is not None}
+        r = run_and_record(ctx, hf, s.suite, stem=f"bench_{s.suite}", tasks=s.tasks,
+                           data_dir=Path(s.data), seeds=s.seeds,
+                           max_train_examples=s.max_train_examples,
+                           max_test_examples=s.max_test_examples, overrides=overrides)
+        r.pop("markdown")
+        return r
 
-    def __init__(self, ctx: StageContext, prefix: str):
-        self.ctx = ctx
-        self.prefix = prefix
-        self.phase: str | None = None
-        self.done = 0
-        self.task = None
-        self.stack = contextlib.ExitStack()
 
-    def __enter__(self) -> "_Tracks":
-        return self
+def _suite_dir(s: SuiteRun, loaded: Loaded) -> Path:
+    from factory.bench.suites import SUITES
 
-    def __exit__(self, *exc) -> None:
-        self.stack.close()
+    return loaded.resolve(s.data) if s.data is not None else SUITES[s.suite].data_dir
 
-    def __call__(self, phase: str, done: int, total: int, values: dict[str, float]) -> None:
-        if phase != self.phase:
-            self.stack.close()
-            self.stack = contextlib.ExitStack()
-            self.task = self.stack.enter_context(self.ctx.track(total, f"{self.prefix} {phase}"))
-            self.phase, self.done = phase, 0
-        self.task.advance(done - self.done, **values)
-        self.done = done
-        if phase == "train" and values and (done % LOG_EVERY == 0 or done == total):
-            self.ctx.log.metrics({f"{self.prefix}_{k}": v for k, v in values.items()}, step=done)
+
+def _suite_folders(s: SuiteRun) -> dict[str, Path | None] | None:
+    """Each selected task's folder (None when absent); None when the data folder is."""
+    from factory.bench.runner import get_suite, locate, select_tasks
+
+    if s.data is None or not Path(s.data).is_dir():
+        return None
+    suite = get_suite(s.suite)
+    return locate(suite, select_tasks(suite, s.tasks), Path(s.data))

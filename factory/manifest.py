@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.bench.ner import NerOptions
+from factory.corpus.options import (Decontaminate, Executor, Filters, NearDedup, Phase,
+                                     check_phases)
 from factory.train.sizes import SIZES
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -53,11 +55,60 @@ class ModelSpec(_Strict):
     attention_dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class VocabExtension(_Strict):
+    add: int = Field(gt=0, description="Entries appended to the base tokenizer (base ids kept)")
+    min_count: int = Field(2, ge=1, description="Ignore domain words seen fewer times")
+
+
 class TokenizerSpec(_Strict):
-    kind: Literal["wordpiece", "bpe", "byte_bpe", "unigram"]
-    vocab_size: int = Field(gt=0)
+    """A vocabulary trained on the corpus (scratch: kind + vocab_size) or the base's
+    vocabulary extended with domain words (continued: extend)."""
+
+    kind: Literal["wordpiece", "bpe", "byte_bpe", "unigram"] | None = None
+    vocab_size: int | None = Field(None, gt=0)
     casing: Literal["uncased", "cased"] = "uncased"
     min_frequency: int = Field(2, ge=1)
+    extend: VocabExtension | None = Field(
+        None, description="Continued runs: add the domain words that most reduce fragmentation")
+    baseline: str | None = Field(
+        None, description="Tokenizer the vocab report compares with: a folder, tokenizer.json, "
+        "package:MODULE/SUBDIR or hub id")
+    strip_accents: bool | None = Field(
+        None, description="Remove accents (default: only for uncased wordpiece, as BERT does)")
+    special_tokens: list[str] = Field(
+        [], description="Extra special tokens, ids right after the kind's own")
+    split_digits: bool = Field(False, description="Each digit its own token (not wordpiece)")
+    sentencepiece: bool = Field(
+        False, description="Train the unigram vocabulary with Google's sentencepiece")
+
+    @model_validator(mode="after")
+    def _train_or_extend(self):
+        if self.extend is None:
+            missing = [f for f in ("kind", "vocab_size") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(f"give {' and '.join(missing)} (or `extend: {{add: K}}` in a "
+                                 "continued run)")
+        else:
+            given = sorted({"kind", "vocab_size", "casing", "min_frequency", "strip_accents",
+                            "special_tokens", "split_digits", "sentencepiece"}
+                           & self.model_fields_set)
+            if given:
+                raise ValueError(f"extend keeps the base tokenizer's pipeline; remove "
+                                 f"{', '.join(given)}")
+        if self.split_digits and self.kind == "wordpiece":
+            raise ValueError("split_digits: not supported yet for wordpiece (transformers' BERT "
+                             "tokenizer rebuilds its own pre-tokeniser); use bpe, byte_bpe or "
+                             "unigram")
+        if self.sentencepiece and self.kind != "unigram":
+            raise ValueError(f"sentencepiece: not supported yet for {self.kind} (only unigram)")
+        if self.kind == "unigram" and "min_frequency" in self.model_fields_set:
+            raise ValueError("min_frequency: a unigram vocabulary is pruned by likelihood, not "
+                             "by count; remove it")
+        if any(not t or t != t.strip() for t in self.special_tokens) or len(
+                set(self.special_tokens)) != len(self.special_tokens):
+            raise ValueError("special_tokens: non-empty strings without surrounding spaces, "
+                             "each once")
+        return self
 
 
 class HFDatasetSpec(_Strict):
@@ -67,20 +118,39 @@ class HFDatasetSpec(_Strict):
 
 
 class _SourceBase(_Strict):
-    path: str | None = Field(None, description="A JSON Lines file (.jsonl/.jsonl.gz) or a glob")
+    path: str | None = Field(None, description="Files or a glob: JSON Lines (.jsonl/.json, "
+                             ".gz/.zst), Parquet (.parquet) or plain text (.txt, .gz/.zst)")
     hf_dataset: HFDatasetSpec | None = None
     text_field: str = "text"
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        "auto", description="auto: from the file names")
+    text_unit: Literal["file", "line"] = Field(
+        "file", description="Plain text only: a document per file or per non-empty line")
+    filters: Filters | None = Field(None, description="This source's quality filters "
+                                    "(default: corpus.filters)")
 
     @model_validator(mode="after")
     def _one_location(self):
         if (self.path is None) == (self.hf_dataset is None):
             raise ValueError("give exactly one of `path` or `hf_dataset`")
+        if self.hf_dataset is not None and self.format != "auto":
+            raise ValueError("`format` is for `path` sources")
+        if self.text_unit != "file" and self.format not in ("text", "auto"):
+            raise ValueError("`text_unit` is for plain text sources")
         return self
 
 
 class Source(_SourceBase):
     name: str = Field(pattern=NAME)
     weight: float = Field(1.0, gt=0, description="Sampling probability (normalised over sources)")
+    epochs: float | None = Field(None, gt=0, description="Repeat this source exactly this many "
+                                 "times over the planned tokens instead of sampling by weight")
+
+    @model_validator(mode="after")
+    def _weight_or_epochs(self):
+        if self.epochs is not None and "weight" in self.model_fields_set:
+            raise ValueError("give `weight` or `epochs`, not both")
+        return self
 
 
 class HeldoutSource(_SourceBase):
@@ -94,6 +164,14 @@ class Corpus(_Strict):
                                     description="Held-out share when `heldout` is not given")
     min_words: int = Field(5, ge=0)
     exact_dedup: bool = True
+    filters: Filters = Field(Filters(), description="Quality filters of every source")
+    near_dedup: NearDedup | None = Field(None, description="MinHash near-dedup; {} = defaults")
+    decontaminate: Decontaminate | None = Field(
+        Decontaminate(), description="Benchmark decontamination; null turns it off")
+    executor: Executor = Executor()
+    phases: list[Phase] = Field([], description="Source weights per stretch of training")
+    repeat_warning: float = Field(4.0, gt=0, description="Warn when a source would be "
+                                  "repeated more than this many epochs")
 
     @field_validator("sources")
     @classmethod
@@ -103,6 +181,15 @@ class Corpus(_Strict):
         if dup:
             raise ValueError(f"source names must be unique, repeated: {', '.join(dup)}")
         return sources
+
+    @model_validator(mode="after")
+    def _blend(self):
+        problems = check_phases(self.phases, [s.name for s in self.sources])
+        if self.phases and any(s.epochs is not None for s in self.sources):
+            problems.append("give sources `epochs` or `phases`, not both")
+        if problems:
+            raise ValueError("phases: " + "; ".join(problems))
+        return self
 
 
 class Optimizer(_Strict):
@@ -115,13 +202,19 @@ class Optimizer(_Strict):
 class Schedule(_Strict):
     warmup_steps: int | None = Field(None, ge=0)
     warmup_fraction: float | None = Field(None, ge=0, lt=1)
-    decay: Literal["linear", "cosine", "constant"] = "linear"
+    decay: Literal["linear", "cosine", "constant", "wsd"] = Field(
+        "linear", description="wsd = warmup-stable-decay (MiniCPM, arXiv:2404.06395)")
     min_lr: float = Field(0.0, ge=0)
+    decay_fraction: float | None = Field(
+        None, gt=0, le=1, description="wsd only: share of the steps after warmup spent decaying "
+        "(default 0.2)")
 
     @model_validator(mode="after")
     def _one_warmup(self):
         if self.warmup_steps is not None and self.warmup_fraction is not None:
             raise ValueError("give warmup_steps or warmup_fraction, not both")
+        if self.decay_fraction is not None and self.decay != "wsd":
+            raise ValueError("decay_fraction is for decay: wsd only")
         return self
 
 
@@ -141,6 +234,8 @@ class Training(_Strict):
     mask_prob: float | None = Field(None, gt=0, lt=1, description="Masked-LM share (bert only)")
     whole_word_masking: bool | None = Field(
         None, description="Mask every piece of a chosen word (bert only; default true)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 keeps fp32 master weights")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -166,6 +261,13 @@ class Training(_Strict):
         return int(round((s.warmup_fraction or 0.0) * self.total_steps))
 
 
+class Parallel(_Strict):
+    """Model-parallel layout; data parallel = world size / (tensor * pipeline), from torchrun."""
+
+    tensor: int = Field(1, gt=0, description="Tensor-parallel size (must divide the heads)")
+    pipeline: int = Field(1, gt=0, description="Pipeline-parallel size (gpt only; 1 on CPU)")
+
+
 class Task(NerOptions):
     """A benchmark task: where its data is, plus its fine-tuning settings (NerOptions)."""
 
@@ -174,10 +276,38 @@ class Task(NerOptions):
     data: str = Field(description="Folder with train.tsv, devel.tsv, test.tsv (token<TAB>IOB tag)")
 
 
+class SuiteRun(_Strict):
+    """A benchmark suite (factory.bench.suites) run on the exported model."""
+
+    suite: Literal["blurb", "lexglue", "maltese", "finance", "code", "stackoverflow"]
+    tasks: list[str] | None = Field(None, description="Task names (default: all with data)")
+    data: str | None = Field(None, description="Folder with one sub-folder per task "
+                                               "(default: the shared benchmarks folder)")
+    seeds: list[int] = Field([42], min_length=1)
+    max_train_examples: int | None = Field(None, gt=0)
+    max_test_examples: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, description="Overrides the suite's defaults")
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    max_seq_length: int | None = Field(None, gt=8)
+
+    @model_validator(mode="after")
+    def _known_tasks(self):
+        from factory.bench.suites import SUITES
+
+        known = {n.lower() for n in SUITES[self.suite].tasks}
+        bad = [t for t in self.tasks or [] if t.lower() not in known]
+        if bad:
+            raise ValueError(f"suite {self.suite} has no task {', '.join(bad)}; its tasks: "
+                             f"{', '.join(SUITES[self.suite].tasks)}")
+        return self
+
+
 class Evaluation(_Strict):
     heldout_loss: bool = True
     heldout_max_docs: int | None = Field(1000, gt=0)
     tasks: list[Task] = []
+    suites: list[SuiteRun] = []
 
 
 class Manifest(_Strict):
@@ -190,6 +320,7 @@ class Manifest(_Strict):
     tokenizer: TokenizerSpec | None = None
     corpus: Corpus
     training: Training
+    parallel: Parallel = Parallel()
     evaluation: Evaluation = Evaluation()
 
     @model_validator(mode="after")
@@ -199,9 +330,9 @@ class Manifest(_Strict):
         if self.strategy == "continued":
             if self.base is None:
                 problems.append(("base", "a continued run needs `base: {path: ...}`"))
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.tokenizer.extend is None:
                 problems.append(("tokenizer", "a continued run reuses the base tokenizer; "
-                                 "remove this section (vocabulary extension: not supported yet)"))
+                                 "remove this section, or give only `extend: {add: K}`"))
             for f in ("size", "num_layers", "hidden_size", "num_attention_heads",
                       "ffn_hidden_size", "num_query_groups"):
                 if getattr(m, f) is not None:
@@ -235,7 +366,11 @@ class Manifest(_Strict):
                                          "must divide num_attention_heads"))
         if self.family == "bert" and m.num_query_groups is not None:
             problems.append(("model.num_query_groups", "only for family gpt"))
-        if self.tokenizer is not None:
+        if self.strategy == "scratch" and self.tokenizer is not None \
+                and self.tokenizer.extend is not None:
+            problems.append(("tokenizer.extend", "only a continued run extends a base "
+                             "vocabulary; give kind and vocab_size to train one"))
+        if self.tokenizer is not None and self.tokenizer.kind is not None:
             kind = self.tokenizer.kind
             if self.family == "bert" and kind != "wordpiece":
                 problems.append(("tokenizer.kind", f"{kind} for bert: not supported yet "

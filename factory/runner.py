@@ -39,6 +39,8 @@ STAGES: dict[str, str] = {
     "evaluate": "factory.evaluate:EvaluateStage",
 }
 RECORD = ".stage.json"
+# Stages that run on every rank under torchrun (collective work); all others are single-process.
+DISTRIBUTED = ("pretrain",)
 
 
 def stage_class(name: str) -> type[Stage]:
@@ -97,28 +99,58 @@ def read_record(folder: Path) -> dict | None:
         return None
 
 
-def check(planned: list[Planned], only: str | None) -> None:
+def check(planned: list[Planned], selected: set[str]) -> None:
     """Every problem the stages can see before work starts, all at once."""
-    problems = [p for pl in planned if only in (None, pl.stage.name) for p in pl.stage.check()]
+    problems = [p for pl in planned if pl.stage.name in selected for p in pl.stage.check()]
     if problems:
         raise UserError("\n".join(problems))
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def select(planned: list[Planned], only: str | None, until: str | None) -> set[str]:
+    """The stages this invocation runs: all, one (`--only`), or a prefix (`--until`)."""
+    names = [pl.stage.name for pl in planned]
+    for flag, value in (("--only", only), ("--until", until)):
+        if value is not None and value not in names:
+            raise UserError(f"{flag} {value!r}: unknown stage (stages: {', '.join(names)})")
+    if only is not None and until is not None:
+        raise UserError("--only and --until exclude each other; give one")
+    if world()[1] > 1:
+        # Under torchrun every rank runs this; only the collective stage belongs here.
+        if until is not None or only not in (None, *DISTRIBUTED):
+            raise UserError(f"under torchrun (WORLD_SIZE={world()[1]}) only --only "
+                            f"{' / '.join(DISTRIBUTED)} runs; run the other stages in one "
+                            "process (factory run MANIFEST --until pack, then without torchrun)")
+        only = only or DISTRIBUTED[0]
+    if only is not None:
+        return {only}
+    if until is not None:
+        return set(names[:names.index(until) + 1])
+    return set(names)
+
+
 def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None = None,
-        tracker_factory: Callable[[str], Any] | None = None,
+        until: str | None = None, tracker_factory: Callable[[str], Any] | None = None,
         progress: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict:
-    """Run (or reuse) every stage; returns the summary also written to RUN/summary.json.
+    """Run (or reuse) the selected stages; returns the summary also written to RUN/summary.json.
 
     `progress` makes the rich Progress display; it starts only once every check has passed,
-    so a user error prints alone.
+    so a user error prints alone. Under torchrun, ranks other than 0 run the pretrain stage
+    into the same folder without tracking or records (`run_rank`).
     """
-    if only is not None and only not in STAGES:
-        raise UserError(f"--only {only!r}: unknown stage (stages: {', '.join(STAGES)})")
     run_dir = run_dir.resolve()
     planned = plan(loaded)
-    check(planned, only)
-    if only is not None:
+    selected = select(planned, only, until)
+    check(planned, selected)
+    if len(selected) == 1:
+        (only,) = selected
         _check_upstream(planned, run_dir, only)
+    if world()[0] != 0:
+        return run_rank(next(p for p in planned if p.stage.name in selected), run_dir)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(run_dir / "manifest.resolved.yaml", _yaml(loaded.resolved()))
@@ -131,7 +163,9 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
         tags={"factory.run_dir": str(run_dir), "factory.scale": loaded.scale or "full",
               "factory.family": loaded.manifest.family,
               "factory.strategy": loaded.manifest.strategy,
-              "factory.version": __version__, "factory.only": only or ""})
+              "factory.version": __version__,
+              "factory.stages": ",".join(p.stage.name for p in planned
+                                         if p.stage.name in selected)})
     parent.params(tracking.flatten(loaded.resolved()))
     parent.artifact(run_dir / "manifest.resolved.yaml")
 
@@ -146,22 +180,37 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
     display = progress() if progress is not None else contextlib.nullcontext()
     try:
         with display as rich_progress:
-            _run_all(planned, run_dir, force, only, tracker, parent, summary, model_name,
+            _run_all(planned, run_dir, force, selected, tracker, parent, summary, model_name,
                      Progress(rich_progress) if rich_progress is not None else None)
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         raise
     finally:
         _write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+        _report(run_dir, parent)
         parent.end(status)
     return summary
 
 
-def _run_all(planned: list[Planned], run_dir: Path, force: bool, only: str | None, tracker,
+def _report(run_dir: Path, parent) -> None:
+    """The run's report page; a failure to draw it must not hide the run's own outcome."""
+    from factory.report import run_report
+
+    try:
+        paths = run_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - reported, and the stages' outputs stand
+        log.warning("run report not written: %s: %s", e.__class__.__name__, e)
+        return
+    for path in paths:
+        parent.artifact(path, "report")
+    log.info("report: %s", run_dir / "report.html")
+
+
+def _run_all(planned: list[Planned], run_dir: Path, force: bool, selected: set[str], tracker,
              parent, summary: dict, model_name: str, progress: Progress | None) -> None:
     for pl in planned:
         name = pl.stage.name
-        if only is not None and name != only:
+        if name not in selected:
             summary["stages"][name] = _entry(Outcome("skipped", run_dir / name, 0.0))
             continue
         outcome = _run_one(pl, run_dir, force, tracker, parent, progress, model_name)
@@ -187,6 +236,28 @@ def _check_upstream(planned: list[Planned], run_dir: Path, only: str) -> None:
                             "run without --only first")
 
 
+def _tmp(pl: Planned, run_dir: Path) -> Path:
+    return run_dir / ".tmp" / f"{pl.stage.name}-{pl.key[:16]}"
+
+
+def run_rank(pl: Planned, run_dir: Path) -> dict:
+    """A non-zero rank's share of a distributed stage: same folder as rank 0, no bookkeeping.
+
+    Rank 0 owns the record, the MLflow runs and the final rename; the stage itself writes
+    per-rank files only where they are collective (checkpoint shards).
+    """
+    final = run_dir / pl.stage.name
+    rec = read_record(final)
+    if rec is not None and rec.get("key") == pl.key:
+        return {"run_dir": str(run_dir), "stages": {pl.stage.name: {"status": "cached"}}}
+    tmp = _tmp(pl, run_dir)
+    tmp.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(out=tmp, inputs={i: run_dir / i for i in pl.inputs})
+    metrics = pl.stage.run(ctx) or {}
+    return {"run_dir": str(run_dir), "stages": {pl.stage.name: {
+        "status": "done", "metrics": {k: float(v) for k, v in metrics.items()}}}}
+
+
 def _run_one(pl: Planned, run_dir: Path, force: bool, tracker, parent, progress,
              model_name: str) -> Outcome:
     name, key = pl.stage.name, pl.key
@@ -202,8 +273,8 @@ def _run_one(pl: Planned, run_dir: Path, force: bool, tracker, parent, progress,
         log.info("%s: cached (%s)", name, key[:12])
         return Outcome("cached", final, time.perf_counter() - t0, rec.get("metrics", {}))
 
-    tmp_root = run_dir / ".tmp"
-    tmp = tmp_root / f"{name}-{key[:16]}"
+    tmp = _tmp(pl, run_dir)
+    tmp_root = tmp.parent
     tmp_root.mkdir(exist_ok=True)
     for stale in tmp_root.glob(f"{name}-*"):
         if stale != tmp or force:

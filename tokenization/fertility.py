@@ -4,8 +4,8 @@ Words are whitespace-separated strings of the original text. Each token is attri
 word by its character offsets: its first non-space character lies in that word; a token made
 only of a word-start marker (`▁`, `Ġ`) belongs to the word that follows it. Encoding adds no
 special tokens, so none is counted. The per-word piece counts are the base for every number
-of the report, so further measures (a baseline tokenizer's numbers, coverage of the most
-frequent words) can be added over the same `word_pieces` stream.
+of the report (tokenization/report.py compares tokenizers with them); coverage is the share
+of a text's most frequent words (`top_words`) that a tokenizer keeps in one piece.
 """
 
 from __future__ import annotations
@@ -18,8 +18,12 @@ from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer
 
+from tokenization.io import batched
+
 _WORD = re.compile(r"\S+")
+_EDGE_PUNCT = re.compile(r"^[\W_]+|[\W_]+$")
 BATCH = 256
+TOP_WORDS = 1000
 
 
 def as_tokenizer(tokenizer) -> Tokenizer:
@@ -64,27 +68,38 @@ def _pieces_per_word(text: str, offsets: list[tuple[int, int]]) -> tuple[list[st
 def word_pieces(tokenizer, texts: Iterable[str]) -> Iterator[tuple[str, int]]:
     """(word, number of tokens of that word) for every whitespace word of `texts`."""
     tok = as_tokenizer(tokenizer)
-    batch: list[str] = []
-
-    def flush():
+    for batch in batched(texts, BATCH):
         for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False)):
             words, counts = _pieces_per_word(text, enc.offsets)
             yield from zip(words, counts)
 
+
+def top_words(texts: Iterable[str], n: int = TOP_WORDS) -> list[str]:
+    """The `n` most frequent words of `texts`: whitespace words stripped of surrounding
+    punctuation, holding at least one letter (ties: first seen first)."""
+    freq: Counter = Counter()
     for t in texts:
-        if not t:
-            continue
-        batch.append(t)
-        if len(batch) >= BATCH:
-            yield from flush()
-            batch = []
-    if batch:
-        yield from flush()
+        for w in t.split():
+            w = _EDGE_PUNCT.sub("", w)
+            if w and any(ch.isalpha() for ch in w):
+                freq[w] += 1
+    return [w for w, _ in freq.most_common(n)]
 
 
-def fertility_report(tokenizer, texts: Iterable[str]) -> dict[str, float]:
+def coverage(tokenizer, words: list[str]) -> float:
+    """Share (0..1) of `words` that the tokenizer keeps whole: one token for the word as it
+    stands inside a sentence (after a space, so `Ġ`/`▁` word-start forms count)."""
+    if not words:
+        return 0.0
+    whole = sum(n == 1 for _, n in word_pieces(tokenizer, (" " + w for w in words)))
+    return whole / len(words)
+
+
+def fertility_report(tokenizer, texts: Iterable[str],
+                     top: list[str] | None = None) -> dict[str, float]:
     """{"fertility": tokens per whitespace word, "split_share": share of words cut into more
-    than one piece (0..1), "pieces_per_split_word", "words", "tokens", "unsplit_share"}."""
+    than one piece (0..1), "pieces_per_split_word", "words", "tokens", "unsplit_share"}, plus
+    "coverage_top1000" (see `coverage`) when `top` (e.g. `top_words(...)`) is given."""
     words = tokens = split = split_tokens = 0
     freq: Counter = Counter()
     for _, n in word_pieces(tokenizer, texts):
@@ -94,7 +109,7 @@ def fertility_report(tokenizer, texts: Iterable[str]) -> dict[str, float]:
             split += 1
             split_tokens += n
         freq[n] += 1
-    return {
+    out = {
         "fertility": tokens / words if words else 0.0,
         "split_share": split / words if words else 0.0,
         "pieces_per_split_word": split_tokens / split if split else 0.0,
@@ -102,3 +117,6 @@ def fertility_report(tokenizer, texts: Iterable[str]) -> dict[str, float]:
         "words": words,
         "tokens": tokens,
     }
+    if top is not None:
+        out["coverage_top1000"] = coverage(tokenizer, top)
+    return out

@@ -55,6 +55,29 @@ def _named_specials(folder: Path) -> dict[str, str]:
     return named
 
 
+def _word_starts(data: dict, inv: dict[int, str], specials: set[str]) -> dict[int, bool]:
+    """Whether each token begins a word, from the pre-tokeniser's markers.
+
+    WordPiece: every piece but a `##` continuation. Metaspace (bpe, unigram): pieces that
+    begin with `▁`. Byte-level BPE: pieces that begin with an encoded space, newline or tab
+    (Ġ Ċ ĉ) or with a non-alphanumeric character (GPT-2's pre-tokeniser splits punctuation
+    off); a word at the very start of a text or line carries no marker and joins the token
+    before it (masked with it), a small cost at document and line starts.
+    """
+    model = data["model"]
+    if model["type"] == "WordPiece":
+        prefix = model.get("continuing_subword_prefix") or "##"
+        return {i: t in specials or not t.startswith(prefix) for i, t in inv.items()}
+    pre = json.dumps(data.get("pre_tokenizer") or {})
+    if "ByteLevel" in pre:
+        return {i: t in specials or t[:1] in ("Ġ", "Ċ", "ĉ") or not t[:1].isalnum()
+                for i, t in inv.items()}
+    if "Metaspace" in pre:
+        rep = "▁"
+        return {i: t in specials or t.startswith(rep) for i, t in inv.items()}
+    return {i: True for i in inv}     # unknown scheme: every token its own word
+
+
 class MegatronTokenizer(MegatronTokenizerBase):
     """A tokenizer folder (or tokenizer.json) as megatron-core's datasets want it."""
 
@@ -70,7 +93,18 @@ class MegatronTokenizer(MegatronTokenizerBase):
         # in `list(inv_vocab)`, and the Rust vocabulary is a hash map whose order changes from
         # process to process (every sample would change, breaking exact resume).
         self._inv = {i: t for t, i in sorted(self._vocab.items(), key=lambda kv: kv[1])}
-        self.model_type = json.loads(text)["model"]["type"]  # WordPiece | BPE | Unigram | ...
+        data = json.loads(text)
+        self.model_type = data["model"]["type"]  # WordPiece | BPE | Unigram | ...
+        specials = {a["content"] for a in data.get("added_tokens", []) if a.get("special")}
+        starts = _word_starts(data, self._inv, specials)
+        self.word_start = [bool(starts.get(i, True)) for i in range(max(self._inv) + 1)]
+        # Megatron's whole-word masking knows one convention: a `##` prefix marks a piece
+        # that continues a word. A byte-level or Metaspace vocabulary marks word STARTS
+        # instead (Ġ, ▁): its continuation pieces are shown with `##` here, so masking works
+        # for every kind. (The strings are for megatron's masking only; decode with
+        # `detokenize`.)
+        if self.model_type != "WordPiece":
+            self._inv = {i: t if self.word_start[i] else "##" + t for i, t in self._inv.items()}
         named = _named_specials(folder)
         self._ids: dict[str, int | None] = {}
         for role, names in _FALLBACK.items():

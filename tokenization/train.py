@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Literal
 
 from tokenizers import (Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
                         trainers)
 
 from factory.stage import UserError
+from tokenization.io import batched
 
 logger = logging.getLogger(__name__)
 
@@ -38,42 +40,59 @@ LIMIT_ALPHABET = 1000
 BATCH = 1000
 
 
-def specials_of(kind: str) -> list[str]:
-    return WORDPIECE_SPECIALS if kind == "wordpiece" else GPT_SPECIALS
+@dataclass(frozen=True)
+class TrainOptions:
+    """Pipeline choices beyond kind and casing (the manifest's tokenizer.* fields)."""
+
+    strip_accents: bool | None = None     # None: strip when uncased WordPiece (BERT's rule)
+    special_tokens: tuple[str, ...] = ()  # extra specials, ids right after the kind's own
+    split_digits: bool = False            # every digit its own pre-token (LLaMA, PaLM)
 
 
-def build_tokenizer(kind: str, casing: str) -> Tokenizer:
+def specials_of(kind: str, options: TrainOptions | None = None) -> list[str]:
+    own = WORDPIECE_SPECIALS if kind == "wordpiece" else GPT_SPECIALS
+    extra = [t for t in (options.special_tokens if options else ()) if t not in own]
+    return own + list(dict.fromkeys(extra))
+
+
+def build_tokenizer(kind: str, casing: str, options: TrainOptions | None = None) -> Tokenizer:
     """An untrained tokenizer pipeline of the given kind."""
+    o = options or TrainOptions()
     uncased = casing == "uncased"
+    # accents: BERT-uncased strips them; the other kinds keep them unless asked
+    strip = o.strip_accents if o.strip_accents is not None else (uncased and kind == "wordpiece")
+    accents = [normalizers.NFD(), normalizers.StripAccents(), normalizers.NFC()] if strip else []
     if kind == "wordpiece":
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
         tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=uncased, lowercase=uncased)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            clean_text=True, handle_chinese_chars=True, strip_accents=strip, lowercase=uncased)
+        pre = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece(prefix="##")
-        return tok
-    if kind == "byte_bpe":
+    elif kind == "byte_bpe":
         tok = Tokenizer(models.BPE())
-        if uncased:
-            tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-        else:
-            tok.normalizer = normalizers.NFC()
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), *accents] + ([normalizers.Lowercase()] if uncased else []))
+        pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-        return tok
-    if kind in ("bpe", "unigram"):
+    elif kind in ("bpe", "unigram"):
         tok = Tokenizer(models.BPE(unk_token=UNK) if kind == "bpe" else models.Unigram())
-        norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if uncased else [])
-        tok.normalizer = normalizers.Sequence(norm)
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.NFKC(), *accents] + ([normalizers.Lowercase()] if uncased else []))
+        pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-        return tok
-    raise ValueError(f"unknown tokenizer kind {kind!r}; one of {', '.join(KINDS)}")
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}; one of {', '.join(KINDS)}")
+    if o.split_digits:
+        # after the word split, so a Metaspace `▁` stays a piece of its own before "2020"
+        # (sentencepiece's split_digits does the same)
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        pre = pre_tokenizers.Sequence([digits, pre] if kind == "byte_bpe" else [pre, digits])
+    tok.pre_tokenizer = pre
+    return tok
 
 
-def _trainer(kind: str, vocab_size: int, min_frequency: int):
-    specials = specials_of(kind)
+def _trainer(kind: str, vocab_size: int, min_frequency: int, specials: list[str]):
     if kind == "wordpiece":
         return trainers.WordPieceTrainer(
             vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
@@ -91,22 +110,8 @@ def _trainer(kind: str, vocab_size: int, min_frequency: int):
         vocab_size=vocab_size, special_tokens=specials, unk_token=UNK, show_progress=False)
 
 
-def _batched(texts: Iterable[str], stats: dict) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for t in texts:
-        if not t:
-            continue
-        stats["docs"] += 1
-        batch.append(t)
-        if len(batch) >= BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
-                    texts: Iterable[str]) -> Tokenizer:
+                    texts: Iterable[str], options: TrainOptions | None = None) -> Tokenizer:
     """Train a `kind` vocabulary of `vocab_size` entries (specials included) on `texts`.
 
     `texts` is consumed once, in batches, never held in memory as a whole. Raises UserError
@@ -116,7 +121,12 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
         raise ValueError(f"unknown tokenizer kind {kind!r}; one of {', '.join(KINDS)}")
     if casing not in ("cased", "uncased"):
         raise ValueError(f"casing must be 'cased' or 'uncased', not {casing!r}")
-    specials = specials_of(kind)
+    specials = specials_of(kind, options)
+    if options is not None and options.split_digits and kind == "wordpiece":
+        # transformers' BERT tokenizer class rebuilds BERT's own pre-tokeniser on loading,
+        # so AutoTokenizer would cut digits differently from the trained pipeline
+        raise UserError("tokenizer.split_digits: not supported yet for wordpiece (use it "
+                        "with bpe, byte_bpe or unigram)")
     if kind == "byte_bpe" and vocab_size < 256 + len(specials):
         raise UserError(f"tokenizer.vocab_size {vocab_size} is smaller than the byte alphabet "
                         f"(256) plus {len(specials)} special tokens; use at least "
@@ -124,10 +134,11 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
     if vocab_size <= len(specials):
         raise UserError(f"tokenizer.vocab_size {vocab_size} leaves no room beside the "
                         f"{len(specials)} special tokens")
-    tok = build_tokenizer(kind, casing)
+    tok = build_tokenizer(kind, casing, options)
     stats = {"docs": 0}
     try:
-        tok.train_from_iterator(_batched(texts, stats), _trainer(kind, vocab_size, min_frequency))
+        tok.train_from_iterator(batched(texts, BATCH, stats),
+                                _trainer(kind, vocab_size, min_frequency, specials))
     except Exception as e:  # the Unigram trainer refuses a too small vocabulary itself
         if "not large enough" not in str(e):
             raise
@@ -143,7 +154,7 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
         raise UserError(f"tokenizer.vocab_size {vocab_size} is smaller than the alphabet of the "
                         f"corpus (~{alphabet} characters) plus {len(specials)} special tokens "
                         f"(trained vocabulary: {got}); raise vocab_size to at least {got}")
-    _canonical_ids(tok, kind)
+    _canonical_ids(tok, kind, specials)
     if kind == "wordpiece":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -153,7 +164,7 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
     return tok
 
 
-def _canonical_ids(tok: Tokenizer, kind: str) -> None:
+def _canonical_ids(tok: Tokenizer, kind: str, specials: list[str]) -> None:
     """Make the same corpus give a byte-identical tokenizer.
 
     The WordPiece trainer numbers tokens partly in hash-map order (the same tokens, permuted
@@ -163,7 +174,6 @@ def _canonical_ids(tok: Tokenizer, kind: str) -> None:
     digit may still flip between runs without changing any segmentation. BPE kinds are
     already deterministic.
     """
-    specials = specials_of(kind)
     if kind == "wordpiece":
         rest = sorted((t for t in tok.get_vocab() if t not in specials),
                       key=lambda t: (len(t.removeprefix("##")), t.startswith("##"), t))
@@ -220,6 +230,14 @@ def lowercases(tok: Tokenizer) -> bool:
     return walk(json.loads(tok.to_str()).get("normalizer"))
 
 
+def _bert_strip_accents(tok: Tokenizer, casing: str) -> bool:
+    """What the pipeline's BertNormalizer does with accents (None there: as lowercase)."""
+    norm = json.loads(tok.to_str()).get("normalizer") or {}
+    if norm.get("type") == "BertNormalizer" and norm.get("strip_accents") is not None:
+        return bool(norm["strip_accents"])
+    return casing == "uncased"
+
+
 def save_tokenizer(tok: Tokenizer, kind: str, out_dir: str | Path,
                    model_max_length: int = 512, casing: str | None = None) -> Path:
     """Write tokenizer.json plus the transformers files (AutoTokenizer loads `out_dir`).
@@ -236,7 +254,7 @@ def save_tokenizer(tok: Tokenizer, kind: str, out_dir: str | Path,
     if kind == "wordpiece":
         hf = BertTokenizerFast(
             tokenizer_object=tok, do_lower_case=casing == "uncased",
-            strip_accents=casing == "uncased", model_max_length=model_max_length,
+            strip_accents=_bert_strip_accents(tok, casing), model_max_length=model_max_length,
             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
             mask_token="[MASK]")
     else:
@@ -270,21 +288,34 @@ def load_backend(path: str | Path) -> tuple[Tokenizer, Path, str]:
     """The Rust tokenizer of a folder (or tokenizer.json), its folder, and its JSON text.
 
     A folder with only vocab.txt / sentencepiece files is converted through transformers.
+    Raises UserError when `path` holds no valid tokenizer.
     """
     p = Path(path)
     folder = p.parent if p.is_file() else p
     tj = p if p.is_file() else p / "tokenizer.json"
     if tj.is_file():
-        text = tj.read_text(encoding="utf-8")
-        tok = Tokenizer.from_str(text)
-    else:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"no tokenizer folder or tokenizer.json at {p}")
-        from transformers import AutoTokenizer
+        try:
+            text = tj.read_text(encoding="utf-8")
+            tok = Tokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+            raise UserError(f"{tj}: not a valid tokenizer.json ({e.__class__.__name__}: "
+                            f"{str(e)[:120]}); give a tokenizer folder or tokenizer.json "
+                            "saved by `tokenizers`/`transformers`") from None
+        return tok, folder, text
+    if not folder.is_dir():
+        raise UserError(f"{p}: no tokenizer folder or tokenizer.json there")
+    if not any((folder / f).is_file() for f in ("vocab.txt", "vocab.json", "tokenizer.model",
+                                                "spiece.model", "sentencepiece.bpe.model")):
+        raise UserError(f"{folder}: no tokenizer files (tokenizer.json, vocab.txt, vocab.json, "
+                        "tokenizer.model); give a tokenizer folder")
+    from transformers import AutoTokenizer
 
+    try:
         fast = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-        if not getattr(fast, "is_fast", False):
-            raise ValueError(f"{folder}: no fast (Rust) tokenizer can be built from its files")
-        tok = fast.backend_tokenizer
-        text = tok.to_str()
-    return tok, folder, text
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for bad folders
+        raise UserError(f"{folder}: transformers cannot load a tokenizer from it "
+                        f"({e.__class__.__name__}: {str(e)[:120]})") from None
+    if not getattr(fast, "is_fast", False):
+        raise UserError(f"{folder}: no fast (Rust) tokenizer can be built from its files")
+    tok = fast.backend_tokenizer
+    return tok, folder, tok.to_str()

@@ -34,7 +34,7 @@ class DictionaryTagger:
         self.longest = max((len(k) for k in self.entries), default=0)
 
     @classmethod
-    def from_iob(cls, split: IobSplit) -> "DictionaryTagger":
+    def from_iob(cls, split: IobSplit) -> DictionaryTagger:
         """Entries from the entities of `split`; a string seen with several types keeps the
         most frequent one (ties: the type first in sorted order)."""
         seen: dict[tuple[str, ...], Counter] = defaultdict(Counter)

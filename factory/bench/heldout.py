@@ -16,8 +16,9 @@ import gzip
 import json
 import logging
 import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -141,7 +142,7 @@ def heldout_loss(model_dir: Path, texts: list[str], family: Literal["bert", "gpt
                 rows += [r] * len(pos)
                 cols += [p - shift for p in pos]
                 targets += tgt
-            picked = _logits_at(model, family, ids.to(dev), mask.to(dev), torch.tensor(rows),
+            picked = logits_at(model, family, ids.to(dev), mask.to(dev), torch.tensor(rows),
                                 torch.tensor(cols))[:, :vocab].float()
             tgt = torch.tensor(targets, device=picked.device)
             nll = torch.nn.functional.cross_entropy(picked, tgt, reduction="none")
@@ -162,7 +163,7 @@ def heldout_loss(model_dir: Path, texts: list[str], family: Literal["bert", "gpt
     return result
 
 
-def _logits_at(model, family: str, ids, mask, rows, cols):
+def logits_at(model, family: str, ids, mask, rows, cols):
     """Logits at (rows, cols) only: the MLM head over every position would cost more than
     the whole encoder (vocab x hidden per position) for the 15% that are scored."""
     head = getattr(model, "cls", None) if family == "bert" else getattr(model, "lm_head", None)

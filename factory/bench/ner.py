@@ -13,28 +13,27 @@ Later suites (BLURB, LexGLUE, ...) reuse `read_iob`, `NerData`, `finetune_ner` a
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from factory.bench.finetune import (
+    FinetuneOptions,
+    ProgressFn,
+    fit,
+    pad,
+    pick_device,
+    predict_logits,
+    seed_all,
+    set_pad_id,
+)
 from factory.stage import UserError
 
 log = logging.getLogger(__name__)
 
-# (phase, done, total, values): the stage turns it into a progress bar and MLflow metrics.
-ProgressFn = Callable[[str, int, int, dict[str, float]], None]
-
 IGNORE = -100          # the label torch's cross-entropy skips: special and non-first sub-tokens
-# Usual BERT fine-tuning settings (BLURB, PubMedBERT's fine-tuning): not user knobs yet.
-WARMUP_FRACTION = 0.1
-WEIGHT_DECAY = 0.01
-CLIP_GRAD = 1.0
-PREDICT_BATCH_SIZE = 64
 
 
 # --- data ---------------------------------------------------------------------------------
@@ -50,7 +49,7 @@ class IobSplit:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def head(self, n: int | None) -> "IobSplit":
+    def head(self, n: int | None) -> IobSplit:
         """The first n sentences (all when n is None): caps keep the file's order."""
         if n is None or n >= len(self):
             return self
@@ -105,7 +104,7 @@ class NerData:
     labels: list[str] = field(default_factory=list)
 
     @classmethod
-    def load(cls, folder: Path) -> "NerData":
+    def load(cls, folder: Path) -> NerData:
         folder = Path(folder)
         train = read_iob(folder / "train.tsv")
         test = read_iob(folder / "test.tsv")
@@ -183,19 +182,11 @@ def encode(tokenizer, split: IobSplit, label2id: dict[str, int],
     return out
 
 
-def _batch(items: list[Encoded], pad_id: int, device):
-    import torch
-
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    for r, e in enumerate(items):
-        n = len(e.input_ids)
-        ids[r, :n] = torch.tensor(e.input_ids)
-        mask[r, :n] = 1
-        labels[r, :n] = torch.tensor(e.labels)
-    return ids.to(device), mask.to(device), labels.to(device)
+def _batch(items: list[Encoded], pad_id: int, device) -> dict:
+    ids, mask = pad([e.input_ids for e in items], pad_id)
+    labels, _ = pad([e.labels for e in items], IGNORE)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}
 
 
 # --- metric -------------------------------------------------------------------------------
@@ -218,18 +209,21 @@ def entity_scores(gold: list[list[str]], pred: list[list[str]]) -> dict[str, flo
 # --- fine-tuning --------------------------------------------------------------------------
 
 
-class NerOptions(BaseModel):
+class NerOptions(FinetuneOptions):
     """Fine-tuning settings of one NER task (the manifest's evaluation.tasks entry)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(5e-5, gt=0)
-    batch_size: int = Field(16, gt=0)
-    max_seq_length: int = Field(128, gt=8)
     max_train_sentences: int | None = Field(None, gt=0)
     max_test_sentences: int | None = Field(None, gt=0)
-    seed: int = 42
+
+
+@dataclass
+class TagResult:
+    predictions: list[list[str]]     # one tag per word of each test sentence
+    n_train: int
+    n_test: int
+    train_loss: float                # mean over the last epoch's worth of steps
+    seconds: float
+    truncated_words: int             # test words past max_seq_length, predicted O
 
 
 @dataclass
@@ -240,144 +234,84 @@ class NerResult:
     n_train: int
     n_test: int
     predictions: list[list[str]]
-    train_loss: float               # mean over the last epoch's worth of steps
+    train_loss: float
     seconds: float
-    truncated_words: int            # test words past max_seq_length, predicted O
+    truncated_words: int
 
 
-def training_steps(n_train: int, options: NerOptions) -> int:
-    per_epoch = math.ceil(n_train / options.batch_size)
-    return max(1, math.ceil(options.epochs * per_epoch))
+def finetune_tagger(model_dir: Path, train: IobSplit, test: IobSplit, labels: list[str],
+                    options: FinetuneOptions, progress: ProgressFn | None = None,
+                    device: str | None = None) -> TagResult:
+    """Fine-tune a token-classification head on `train` and tag the words of `test`.
 
-
-def _device(device: str | None):
-    import torch
-
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def finetune_ner(model_dir: Path, data: NerData, options: NerOptions,
-                 progress: ProgressFn | None = None, device: str | None = None) -> NerResult:
-    """Fine-tune a token-classification head on data.train, score entity F1 on data.test.
-
+    Any tag set works (IOB entities, UPOS, PICO); tags not in `labels` train as labels[0].
     The encoder comes from the Hugging Face folder `model_dir` (any architecture with an
     AutoModelForTokenClassification: BERT, Llama, ...); its own head is dropped.
     """
     import torch
-    from transformers import AutoModelForTokenClassification, get_linear_schedule_with_warmup
+    from transformers import AutoModelForTokenClassification
 
     start = time.perf_counter()
-    dev = _device(device)
-    train = data.train.head(options.max_train_sentences)
-    test = data.test.head(options.max_test_sentences)
-    labels = data.labels or label_list(train, test)
+    dev = pick_device(device)
     label2id = {t: i for i, t in enumerate(labels)}
-
     tok = load_tokenizer(model_dir)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     train_enc = encode(tok, train, label2id, options.max_seq_length)
     test_enc = encode(tok, test, label2id, options.max_seq_length)
 
-    _seed_all(options.seed)   # the head's initialisation, dropout and batch order
+    seed_all(options.seed)   # the head's initialisation, dropout and batch order
     model = AutoModelForTokenClassification.from_pretrained(
         model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id=label2id, dtype=torch.float32)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_id
+    pad_id = set_pad_id(model, tok)
     model.to(dev)
-
-    no_decay = ("bias", "LayerNorm.weight", "layernorm.weight", "norm.weight")
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for n, p in params if not n.endswith(no_decay)],
-         "weight_decay": WEIGHT_DECAY},
-        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=options.lr)
-    total = training_steps(len(train_enc), options)
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(WARMUP_FRACTION * total), total)
-    log.info("NER fine-tuning %s: %d train / %d test sentences, %d labels, %d steps on %s",
-             model_dir, len(train_enc), len(test_enc), len(labels), total, dev)
-
-    gen = torch.Generator().manual_seed(options.seed)
-    per_epoch = math.ceil(len(train_enc) / options.batch_size)
-    recent: list[float] = []
-    step = 0
-    model.train()
-    while step < total:
-        order = torch.randperm(len(train_enc), generator=gen).tolist()
-        for b in range(per_epoch):
-            if step >= total:
-                break
-            bs = options.batch_size
-            rows = [train_enc[i] for i in order[b * bs:(b + 1) * bs]]
-            ids, mask, lab = _batch(rows, pad_id, dev)
-            loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_GRAD)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise UserError(f"NER fine-tuning of {model_dir} diverged at step {step} "
-                                f"(loss {value}): lower the task's lr ({options.lr})")
-            recent = (recent + [value])[-per_epoch:]
-            if progress is not None:
-                progress("train", step, total, {"loss": value, "lr": scheduler.get_last_lr()[0]})
-
+    log.info("token-classification fine-tuning %s: %d train / %d test sentences, %d labels, "
+             "on %s", model_dir, len(train_enc), len(test_enc), len(labels), dev)
+    loss = fit(model, len(train_enc), lambda rows: _batch([train_enc[i] for i in rows],
+                                                          pad_id, dev),
+               options, what=f"token classification of {model_dir}", progress=progress)
     predictions, truncated = predict(model, test_enc, labels, pad_id, dev, progress)
-    scores = entity_scores(test.tags, predictions)
-    seconds = time.perf_counter() - start
+    return TagResult(predictions, len(train_enc), len(test_enc), loss,
+                     time.perf_counter() - start, truncated)
+
+
+def finetune_ner(model_dir: Path, data: NerData, options: NerOptions,
+                 progress: ProgressFn | None = None, device: str | None = None) -> NerResult:
+    """Fine-tune a token-classification head on data.train, score entity F1 on data.test
+    (each capped at options.max_train_sentences / max_test_sentences)."""
+    train = data.train.head(options.max_train_sentences)
+    test = data.test.head(options.max_test_sentences)
+    r = finetune_tagger(model_dir, train, test, data.labels or label_list(train, test),
+                        options, progress, device)
+    scores = entity_scores(test.tags, r.predictions)
     log.info("NER %s: F1 %.2f (P %.2f, R %.2f) in %.0f s", model_dir, scores["f1"],
-             scores["precision"], scores["recall"], seconds)
-    return NerResult(scores["f1"], scores["precision"], scores["recall"], len(train_enc),
-                     len(test_enc), predictions, sum(recent) / max(1, len(recent)), seconds,
-                     truncated)
+             scores["precision"], scores["recall"], r.seconds)
+    return NerResult(scores["f1"], scores["precision"], scores["recall"], r.n_train,
+                     r.n_test, r.predictions, r.train_loss, r.seconds, r.truncated_words)
 
 
 def predict(model, encoded: list[Encoded], labels: list[str], pad_id: int, device,
             progress: ProgressFn | None = None) -> tuple[list[list[str]], int]:
     """Word-level tags from the first sub-token of each word; words cut off by truncation
-    (or that tokenise to nothing) get O. Returns the tags and the number of such words."""
-    import torch
-
-    model.eval()
-    out: list[list[str] | None] = [None] * len(encoded)
-    # Length-sorted batches waste little on padding; order is restored through `out`.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    (or that tokenise to nothing) get labels[0]. Returns the tags and the number of such
+    words."""
+    logits = predict_logits(model, [len(e.input_ids) for e in encoded],
+                            lambda rows: _batch([encoded[i] for i in rows], pad_id, device),
+                            progress)
+    out: list[list[str]] = []
     missing = 0
-    batches = [order[i:i + PREDICT_BATCH_SIZE] for i in range(0, len(order), PREDICT_BATCH_SIZE)]
-    with torch.inference_mode():
-        for done, rows in enumerate(batches, 1):
-            ids, mask, _ = _batch([encoded[i] for i in rows], pad_id, device)
-            best = model(input_ids=ids, attention_mask=mask).logits.argmax(-1).cpu().tolist()
-            for r, i in enumerate(rows):
-                e = encoded[i]
-                tags = ["O"] * e.num_words
-                seen = set()
-                prev = None
-                for pos, w in enumerate(e.word_ids):
-                    if w is not None and w != prev:
-                        tags[w] = labels[best[r][pos]]
-                        seen.add(w)
-                    prev = w
-                missing += e.num_words - len(seen)
-                out[i] = tags
-            if progress is not None:
-                progress("predict", done, len(batches), {})
+    for e, lg in zip(encoded, logits):
+        best = lg.argmax(-1).tolist()
+        tags = [labels[0]] * e.num_words
+        seen = set()
+        prev = None
+        for pos, w in enumerate(e.word_ids):
+            if w is not None and w != prev:
+                tags[w] = labels[best[pos]]
+                seen.add(w)
+            prev = w
+        missing += e.num_words - len(seen)
+        out.append(tags)
     if missing:
-        log.warning("%d test words were past max_seq_length (or had no sub-token): tagged O",
-                    missing)
-    return [t for t in out if t is not None], missing
+        log.warning("%d test words were past max_seq_length (or had no sub-token): tagged %s",
+                    missing, labels[0])
+    return out, missing

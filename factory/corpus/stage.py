@@ -1,29 +1,32 @@
-"""The corpus stage: sources -> cleaned, deduplicated JSON Lines shards + a held-out split.
+"""The corpus stage: sources -> cleaned, filtered, deduplicated, decontaminated JSON Lines
+shards + a held-out split.
 
-A datatrove pipeline on LocalPipelineExecutor, per source: counting reader (JSON Lines or a
-streamed Hugging Face dataset) -> NormalizeText -> MinWordsFilter -> exact dedup (datatrove's
-three steps: signatures, find duplicates, filter; over all sources and the held-out file
-at once, held-out copies winning) -> HeldoutSplit -> JsonlWriter (gzip).
+datatrove pipelines (corpus.executor: local processes or Slurm), in passes:
+  1 clean      read (JSON Lines/Parquet/text/HF dataset) -> normalise -> min words -> quality
+               filters per source -> decontaminate -> .work/clean/<rank>.jsonl
+  2 dedup      exact: signatures, duplicates (held-out copies win); near: MinHash signatures,
+               buckets, clusters; over all sources and the held-out text at once
+  3 write      exact and near dedup filters -> held-out split -> JsonlWriter (gzip)
 
-Output (the corpus/ contract): train/<source>/*.jsonl.gz, heldout/*.jsonl.gz, stats.json;
-datatrove's logs and per-task stats under logs/.
+Output (the corpus/ contract): train/<source>/*.jsonl.gz, heldout/*.jsonl.gz, stats.json
+(per source: docs and words before/after each step, removals by reason, corrupt lines with
+file and line); datatrove's logs and per-task stats under logs/.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import glob
 import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from factory.corpus.execute import execute
+from factory.corpus.options import Executor, Filters, NearDedup
 from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HELDOUT_NAME = "heldout"
-STEPS = ("read", "normalize", "min_words", "exact_dedup", "heldout_split")
+CORRUPT_REPORT_LIMIT = 1000
 
 
 class HFDataset(StageConfig):
@@ -44,9 +47,26 @@ class HFDataset(StageConfig):
 
 class SourceConfig(StageConfig):
     name: str
-    path: str | None = Field(None, description="Absolute JSON Lines file or glob")
+    path: str | None = Field(None, description="Absolute file or glob")
     hf_dataset: HFDataset | None = None
     text_field: str = "text"
+    format: str = Field("auto", description="auto, jsonl, parquet or text")
+    text_unit: str = Field("file", description="text: a document per file or per line")
+    filters: Filters = Filters()
+
+
+class BenchmarkText(StageConfig):
+    task: str
+    kind: str = Field(description="A reader of factory.corpus.decontaminate.TEST_TEXTS")
+    path: str
+
+
+class DecontaminateConfig(StageConfig):
+    tests: list[BenchmarkText]
+    ngram: int = 13
+    min_words: int = 8
+    unread_tasks: list[str] = Field([], description="Evaluation tasks whose test format no "
+                                    "reader of TEST_TEXTS knows yet (not decontaminated)")
 
 
 class CorpusConfig(StageConfig):
@@ -55,8 +75,14 @@ class CorpusConfig(StageConfig):
     heldout_fraction: float = 0.01
     min_words: int = 5
     exact_dedup: bool = True
+    near_dedup: NearDedup | None = None
+    decontaminate: DecontaminateConfig | None = None
+    executor: Executor = Executor()
     split_seed: int = Field(0, description="Salt of the held-out hash; fixed so that every "
                             "training seed is evaluated on the same held-out documents")
+    train_dir: str = Field("train/{source}", description="Output folder of a source's kept "
+                           "documents; `factory corpus prepare` writes {source}")
+    require_heldout: bool = True
 
 
 def source_files(pattern: str) -> list[Path]:
@@ -101,88 +127,14 @@ def _hub_revision(dataset_id: str) -> str:
     return HfApi().dataset_info(dataset_id, timeout=10).sha or "unknown"
 
 
-@contextlib.contextmanager
-def _quiet_datatrove():
-    """datatrove logs every task at INFO on stderr and exact dedup draws tqdm bars: keep
-    WARNING and up there (full logs still go to logs/*/logs/task_*.log) so the rich progress
-    stays readable."""
-    import datatrove.executor.base as base
-    from loguru import logger as loguru
-
-    orig_add, orig_close = base.add_task_logger, base.close_task_logger
-    fmt = "{time:HH:mm:ss} | {level: <8} | {name}:{line} - {message}"
-
-    def add(logging_dir, rank, local_rank=0, node_rank=-1):
-        loguru.remove()
-        logfile = logging_dir.open(f"logs/task_{rank:05d}.log", "w")
-        loguru.add(sys.stderr, level="WARNING", format=fmt)
-        loguru.add(logfile, level="DEBUG", format=fmt)
-        return logfile
-
-    def close(logfile):
-        loguru.complete()
-        loguru.remove()
-        loguru.add(sys.stderr, level="WARNING", format=fmt)
-        logfile.close()
-
-    # exact dedup draws tqdm bars of its own on stderr
-    import datatrove.pipeline.dedup.exact_dedup as exact_dedup
-
-    orig_tqdm = exact_dedup.tqdm
-    base.add_task_logger, base.close_task_logger = add, close
-    exact_dedup.tqdm = functools.partial(orig_tqdm, disable=True)
-    try:
-        yield
-    finally:
-        base.add_task_logger, base.close_task_logger = orig_add, orig_close
-        exact_dedup.tqdm = orig_tqdm
-
-
-def _executor(pipeline, tasks: int, logging_dir: Path):
-    from datatrove.executor import LocalPipelineExecutor
-
-    class QuietLocalExecutor(LocalPipelineExecutor):
-        def _run_for_rank(self, rank, local_rank=0, node_rank=-1):
-            with _quiet_datatrove():
-                return super()._run_for_rank(rank, local_rank, node_rank)
-
-    workers = max(1, min(tasks, os.cpu_count() or 1))
-    return QuietLocalExecutor(pipeline, tasks=tasks, workers=workers,
-                              logging_dir=str(logging_dir), skip_completed=False)
-
-
-def _execute(pipeline, tasks: int, logging_dir: Path) -> dict[str, float]:
-    """Run a pipeline; our counters from its merged stats. The executor's own summary
-    (INFO/SUCCESS, in this process) is kept off the console too."""
-    from datatrove.utils.logging import setup_default_logger
-    from loguru import logger as loguru
-
-    loguru.remove()
-    loguru.add(sys.stderr, level="WARNING")
-    try:
-        _executor(pipeline, tasks, logging_dir).run()
-    finally:
-        setup_default_logger()
-    return _counters(logging_dir / "stats.json")
-
-
-def _counters(stats_json: Path) -> dict[str, float]:
-    """Our `<step>:<source>:<what>` counters from an executor's merged stats.json."""
-    out: dict[str, float] = {}
-    for block in json.loads(stats_json.read_text()):
-        for k, v in (block.get("stats") or {}).items():
-            if k.count(":") >= 2:
-                out[k] = out.get(k, 0) + (v["total"] if isinstance(v, dict) else v)
-    return out
-
-
 class CorpusStage(Stage):
     name = "corpus"
     Config = CorpusConfig
 
     @classmethod
-    def from_manifest(cls, loaded: "Loaded") -> "CorpusStage":
-        c = loaded.manifest.corpus
+    def from_manifest(cls, loaded: Loaded) -> CorpusStage:
+        m = loaded.manifest
+        c = m.corpus
 
         def conv(src, name: str) -> SourceConfig:
             hf = None
@@ -191,13 +143,33 @@ class CorpusStage(Stage):
                 hf = HFDataset(id=str(local) if local.exists() else src.hf_dataset.id,
                                split=src.hf_dataset.split, config=src.hf_dataset.config)
             return SourceConfig(name=name, path=str(loaded.resolve(src.path)) if src.path else None,
-                                hf_dataset=hf, text_field=src.text_field)
+                                hf_dataset=hf, text_field=src.text_field, format=src.format,
+                                text_unit=src.text_unit,
+                                filters=src.filters if src.filters is not None else c.filters)
 
+        decon = None
+        if c.decontaminate is not None:
+            from factory.corpus.decontaminate import TEST_TEXTS
+
+            d = c.decontaminate
+            tasks = m.evaluation.tasks if d.tasks else []
+            unread = [t.name for t in tasks if t.kind not in TEST_TEXTS]
+            if unread:
+                logger.warning("decontamination: no reader yet for the test texts of %s; "
+                               "those benchmarks are not decontaminated", ", ".join(unread))
+            tests = [BenchmarkText(task=t.name, kind=t.kind, path=str(loaded.resolve(t.data)))
+                     for t in tasks if t.kind in TEST_TEXTS]
+            tests += [BenchmarkText(task=Path(f).stem, kind="text", path=str(loaded.resolve(f)))
+                      for f in d.files]
+            if tests:
+                decon = DecontaminateConfig(tests=tests, ngram=d.ngram, min_words=d.min_words,
+                                            unread_tasks=unread)
         return cls(CorpusConfig(
             sources=[conv(s, s.name) for s in c.sources],
             heldout=conv(c.heldout, HELDOUT_NAME) if c.heldout is not None else None,
             heldout_fraction=c.heldout_fraction, min_words=c.min_words,
-            exact_dedup=c.exact_dedup))
+            exact_dedup=c.exact_dedup, near_dedup=c.near_dedup, decontaminate=decon,
+            executor=c.executor))
 
     def _all_sources(self) -> list[tuple[str, SourceConfig]]:
         c = self.config
@@ -234,6 +206,17 @@ class CorpusStage(Stage):
                         f"{where}: Hugging Face dataset {hf.id!r} is unreachable "
                         f"({e.__class__.__name__}: {str(e)[:120]}); when offline, download it "
                         "and give hf_dataset.id as a local folder, or give a JSON Lines `path`")
+        if self.config.decontaminate is not None:
+            from factory.corpus.decontaminate import TEST_TEXTS, test_file_of
+
+            for t in self.config.decontaminate.tests:
+                if t.kind not in TEST_TEXTS:
+                    problems.append(f"decontamination of {t.task!r}: no reader for test texts "
+                                    f"of kind {t.kind!r} (known: {', '.join(TEST_TEXTS)})")
+                elif not test_file_of(t.kind, Path(t.path)).is_file():
+                    problems.append(f"decontamination of {t.task!r}: "
+                                    f"{test_file_of(t.kind, Path(t.path))} does not exist; fix "
+                                    "the task's data folder or corpus.decontaminate.files")
         return problems
 
     def fingerprint(self) -> dict[str, str]:
@@ -251,15 +234,27 @@ class CorpusStage(Stage):
                     fp[key] = "hub:" + _hub_revision(s.hf_dataset.id)
                 except Exception:  # noqa: BLE001 - check() reports it
                     fp[key] = "hub:unreachable"
+        if self.config.decontaminate is not None:
+            from factory.corpus.decontaminate import test_file_of
+
+            for t in self.config.decontaminate.tests:
+                f = test_file_of(t.kind, Path(t.path))
+                fp[f"test:{t.task}"] = file_digest([f]) if f.is_file() else "missing"
         return fp
 
     # --- the pipeline ---------------------------------------------------------------------
 
-    def _readers(self, work: Path) -> tuple[list, int]:
-        """One counting reader per source (and the held-out file); the task count."""
-        from factory.corpus.steps import SourceHFReader, SourceJsonlReader
+    def _readers(self, work: Path, corrupt_dir: Path | None = None) -> tuple[list, int]:
+        """One counting reader per source (and the held-out text); the task count."""
+        from factory.corpus.readers import (
+            READERS,
+            SourceHFReader,
+            SourceTextReader,
+            file_format,
+        )
 
         readers, max_files = [], 1
+        bad = str(corrupt_dir) if corrupt_dir else None
         for _, s in self._all_sources():
             held = s is self.config.heldout
             if s.path is not None:
@@ -270,165 +265,191 @@ class CorpusStage(Stage):
                 listing = work / "paths" / f"{s.name}.txt"
                 listing.parent.mkdir(parents=True, exist_ok=True)
                 listing.write_text("".join(f"{f.relative_to(root)}\n" for f in files))
-                readers.append(SourceJsonlReader(str(root), str(listing), s.name,
-                                                 text_key=s.text_field, heldout=held))
+                fmt = s.format if s.format != "auto" else file_format(files[0])
+                if fmt == "text":
+                    readers.append(SourceTextReader(str(root), str(listing), s.name,
+                                                    unit=s.text_unit, heldout=held,
+                                                    corrupt_dir=bad))
+                else:
+                    readers.append(READERS[fmt](str(root), str(listing), s.name,
+                                                text_key=s.text_field, heldout=held,
+                                                corrupt_dir=bad))
                 max_files = max(max_files, len(files))
             else:
                 hf = s.hf_dataset
                 readers.append(SourceHFReader(hf.id, hf.split, hf.config, s.name,
-                                              text_key=s.text_field, heldout=held))
-        return readers, min(max_files, os.cpu_count() or 1)
+                                              text_key=s.text_field, heldout=held,
+                                              corrupt_dir=bad))
+        ex = self.config.executor
+        tasks = ex.tasks or (max_files if ex.kind == "slurm" else min(max_files,
+                                                                     os.cpu_count() or 1))
+        return readers, tasks
+
+    def steps(self, source: SourceConfig) -> list[str]:
+        """The counted steps a source's documents pass, in order."""
+        from factory.corpus.filters import filter_steps
+
+        c = self.config
+        out = ["read", "normalize", "min_words", *filter_steps(source.filters)]
+        if c.decontaminate is not None:
+            out.append("decontaminate")
+        if c.exact_dedup:
+            out.append("exact_dedup")
+        if c.near_dedup is not None:
+            out.append("near_dedup")
+        return out + ["heldout_split"]
+
+    # --- the pipeline ---------------------------------------------------------------------
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        from datatrove.pipeline.dedup.exact_dedup import (ExactDedupConfig, ExactDedupFilter,
-                                                          ExactDedupSignature, ExactFindDedups)
-        from datatrove.pipeline.writers import JsonlWriter
-
-        from factory.corpus.steps import (OUT_KEY, HeldoutSplit, MinWordsFilter, NormalizeText,
-                                          SourceCounter, dedup_content, dedup_priority,
-                                          write_adapter)
+        from factory.corpus.report import (
+            corpus_stats,
+            metrics_of,
+            no_empty_source,
+            stats_markdown,
+        )
 
         c = self.config
         out = Path(ctx.out)
         # A killed earlier attempt may have left part of an output here: start clean.
-        for sub in ("train", "heldout", "logs", ".work", "stats.json"):
+        for sub in ("train", "heldout", "logs", ".work", "stats.json", "stats.md"):
             p = out / sub
             if p.is_dir():
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
-        work = out / ".work"
-        _, tasks = self._readers(work)
-        dedup_cfg = ExactDedupConfig(content_getter=dedup_content, document_priority=dedup_priority)
-        fraction = 0.0 if c.heldout is not None else c.heldout_fraction
+        if c.train_dir != "train/{source}":
+            for s in c.sources:
+                shutil.rmtree(out / c.train_dir.format(source=s.name), ignore_errors=True)
+        passes = 2 + int(c.exact_dedup) + int(c.near_dedup is not None)
+        with ctx.track(passes, "corpus: clean, filter, dedup, split") as bar:
+            counters = self._pipeline(out, out / ".work", bar)
+        from factory.corpus.readers import read_corrupt_notes
 
-        def cleaned():
-            # fresh step objects per executor: datatrove keeps stats on them
-            return [*self._readers(work)[0], NormalizeText(), MinWordsFilter(c.min_words)]
+        corrupt = read_corrupt_notes(out / ".work" / "corrupt", CORRUPT_REPORT_LIMIT)
+        no_empty_source(self, counters, final=True)
+        shutil.rmtree(out / ".work", ignore_errors=True)
 
-        phases = 3 if c.exact_dedup else 1
-        with ctx.track(phases, "corpus: clean, dedup, split") as bar:
-            if c.exact_dedup:
-                early = _execute([*cleaned(), ExactDedupSignature(str(work / "sigs"), dedup_cfg)],
-                                 tasks, out / "logs" / "1_signatures")
-                self._no_empty_source(early, ("read", "normalize", "min_words"))
-                bar.advance(1, phase="signatures")
-                _execute([ExactFindDedups(str(work / "sigs"), str(work / "dups"), dedup_cfg)],
-                         1, out / "logs" / "2_find_duplicates")
-                bar.advance(1, phase="duplicates")
-            dedup = ([ExactDedupFilter(str(work / "dups"), dedup_cfg), SourceCounter("exact_dedup")]
-                     if c.exact_dedup else [])
-            writer = JsonlWriter(str(out), output_filename=f"${{{OUT_KEY}}}/${{rank}}.jsonl.gz",
-                                 compression="gzip", adapter=write_adapter)
-            counters = _execute([*cleaned(), *dedup, HeldoutSplit(fraction, c.split_seed), writer],
-                                tasks, out / "logs" / "3_write")
-            bar.advance(1, phase="written")
-        self._no_empty_source(counters, STEPS)
-        shutil.rmtree(work, ignore_errors=True)
-
-        stats = self._stats(counters)
-        if stats["heldout"]["docs"] == 0:
+        stats = corpus_stats(self, counters, corrupt)
+        if c.require_heldout and stats["heldout"]["docs"] == 0:
             kept = sum(s["docs"] for s in stats["sources"].values())
             raise UserError(f"corpus: no held-out document (heldout_fraction="
                             f"{c.heldout_fraction} of {kept} kept documents rounds to none); "
                             "raise corpus.heldout_fraction or give corpus.heldout")
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
+        (out / "stats.md").write_text(stats_markdown(stats), encoding="utf-8")
         ctx.log.artifact(out / "stats.json")
-        metrics = self._metrics(stats)
+        ctx.log.artifact(out / "stats.md")
+        for i, (name, row) in enumerate(_total_steps(stats)):
+            ctx.log.metrics({"docs": float(row["docs_out"]), "words": float(row["words_out"])},
+                            step=i)
+        metrics = metrics_of(stats)
         logger.info("corpus: %d docs kept (%d words), %d held out", metrics["docs_kept"],
                     metrics["words_kept"], metrics["heldout_docs"])
         return metrics
 
-    # --- counts -------------------------------------------------------------------------------
+    def _pipeline(self, out: Path, work: Path, bar) -> dict[str, float]:
+        """The passes; the merged counters."""
+        from datatrove.pipeline.dedup.exact_dedup import (
+            ExactDedupConfig,
+            ExactDedupFilter,
+            ExactDedupSignature,
+            ExactFindDedups,
+        )
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.writers import JsonlWriter
 
-    def _steps(self) -> tuple[str, ...]:
-        return STEPS if self.config.exact_dedup else tuple(s for s in STEPS if s != "exact_dedup")
+        from factory.corpus.decontaminate import DecontaminateStep
+        from factory.corpus.filters import SourceFilters
+        from factory.corpus.report import no_empty_source
+        from factory.corpus.steps import (
+            OUT_KEY,
+            HeldoutSplit,
+            MinWordsFilter,
+            NormalizeText,
+            SourceCounter,
+            dedup_content,
+            dedup_priority,
+            write_adapter,
+        )
 
-    def _step_counts(self, counters: dict[str, float], src: str, steps) -> list[dict]:
-        rows, prev_out = [], None
-        for st in steps:
-            if st not in self._steps():
-                continue
-            d_in = counters.get(f"{st}:{src}:in", prev_out if prev_out is not None else 0)
-            d_out = counters.get(f"{st}:{src}:out", 0)
-            row = {"name": st, "docs_in": int(d_in), "docs_out": int(d_out)}
-            prefix = f"{st}:{src}:dropped_"
-            dropped = {k[len(prefix):]: int(v) for k, v in counters.items() if k.startswith(prefix)}
-            if st == "exact_dedup":
-                dropped = {"duplicate": int(d_in - d_out)}
-            if st == "heldout_split":
-                row["heldout"] = int(counters.get(f"{st}:{src}:heldout_docs", 0))
-            if f"{st}:{src}:truncated_files" in counters:
-                row["truncated_files"] = int(counters[f"{st}:{src}:truncated_files"])
-            if dropped:
-                row["dropped"] = dropped
-            rows.append(row)
-            prev_out = d_out
-        return rows
+        c, ex, logs = self.config, self.config.executor, out / "logs"
+        readers, tasks = self._readers(work, work / "corrupt")
+        first = [*readers, NormalizeText(), MinWordsFilter(c.min_words)]
+        per_source = {s.name: s.filters for _, s in self._all_sources() if s.filters.active()}
+        if per_source:
+            first.append(SourceFilters(per_source))
+        if c.decontaminate is not None:
+            d = c.decontaminate
+            first.append(DecontaminateStep([(t.task, t.kind, t.path) for t in d.tests],
+                                           d.ngram, d.min_words))
+        clean = work / "clean"
+        first.append(JsonlWriter(str(clean), output_filename="${rank}.jsonl", compression=None))
+        counters = execute(first, tasks, logs / "1_clean", ex, "clean")
+        no_empty_source(self, counters, final=False)
+        bar.advance(1, phase="cleaned")
 
-    def _no_empty_source(self, counters: dict[str, float], steps) -> None:
-        c = self.config
-        why = {
-            "read": lambda s: (f"no readable document (bad JSON lines or no "
-                               f"{s.text_field!r} text field)"),
-            "normalize": lambda s: "every text is empty after normalisation",
-            "min_words": lambda s: f"every document is shorter than corpus.min_words={c.min_words}",
-            "exact_dedup": lambda s: "every document duplicates another (exact dedup)",
-            "heldout_split": lambda s: (f"every document went to the held-out split "
-                                        f"(heldout_fraction={c.heldout_fraction})"),
-        }
-        for _, s in self._all_sources():
-            is_held = s is c.heldout
-            for row in self._step_counts(counters, s.name, steps):
-                empty = row["docs_out"] == 0 and not (is_held and row["name"] == "heldout_split")
-                if empty:
-                    raise UserError(f"corpus source {s.name!r}: {why[row['name']](s)} "
-                                    f"({row['docs_in']} in, 0 left after {row['name']}); "
-                                    "check the data or relax the filter")
+        # Later passes read the cleaned shards back, one task per shard: the same documents
+        # in the same order per rank, which the dedup filters' per-rank indices rely on.
+        shards = max(1, len(list(clean.glob("*.jsonl"))))
 
-    def _stats(self, counters: dict[str, float]) -> dict:
-        c = self.config
-        stats: dict = {"sources": {}, "heldout": {"docs": 0, "words": 0}}
-        for s in c.sources:
-            n = s.name
-            stats["sources"][n] = {
-                "steps": self._step_counts(counters, n, self._steps()),
-                "docs": int(counters.get(f"heldout_split:{n}:train_docs", 0)),
-                "words": int(counters.get(f"heldout_split:{n}:train_words", 0)),
-                "heldout_docs": int(counters.get(f"heldout_split:{n}:heldout_docs", 0)),
-                "heldout_words": int(counters.get(f"heldout_split:{n}:heldout_words", 0)),
-            }
-        names = [s.name for s in c.sources] + ([HELDOUT_NAME] if c.heldout else [])
-        stats["heldout"]["docs"] = sum(int(counters.get(f"heldout_split:{n}:heldout_docs", 0))
-                                       for n in names)
-        stats["heldout"]["words"] = sum(int(counters.get(f"heldout_split:{n}:heldout_words", 0))
-                                        for n in names)
-        if c.heldout is not None:
-            stats["heldout"]["path"] = c.heldout.path or c.heldout.hf_dataset.id
-            stats["heldout"]["steps"] = self._step_counts(counters, HELDOUT_NAME, self._steps())
-        else:
-            stats["heldout"]["fraction"] = c.heldout_fraction
-            stats["heldout"]["split_seed"] = c.split_seed
-        return stats
+        def cleaned():
+            return JsonlReader(str(clean), add_file_path=False)
 
-    def _metrics(self, stats: dict) -> dict[str, float]:
-        m: dict[str, float] = {}
-        for n, s in stats["sources"].items():
-            steps = {r["name"]: r for r in s["steps"]}
-            m[f"{n}.docs_read"] = steps["read"]["docs_in"]
-            m[f"{n}.corrupt_lines"] = sum(steps["read"].get("dropped", {}).values())
-            m[f"{n}.too_short"] = steps["min_words"]["docs_in"] - steps["min_words"]["docs_out"]
-            if "exact_dedup" in steps:
-                m[f"{n}.duplicates"] = steps["exact_dedup"]["dropped"]["duplicate"]
-            m[f"{n}.docs_kept"] = s["docs"]
-            m[f"{n}.words_kept"] = s["words"]
-            m[f"{n}.heldout_docs"] = s["heldout_docs"]
-        srcs = stats["sources"]
-        m["docs_read"] = sum(m[f"{n}.docs_read"] for n in srcs)
-        m["corrupt_lines"] = sum(m[f"{n}.corrupt_lines"] for n in srcs)
-        m["duplicates"] = sum(m.get(f"{n}.duplicates", 0) for n in srcs)
-        m["docs_kept"] = sum(s["docs"] for s in srcs.values())
-        m["words_kept"] = sum(s["words"] for s in srcs.values())
-        m["heldout_docs"] = stats["heldout"]["docs"]
-        m["heldout_words"] = stats["heldout"]["words"]
-        return {k: float(v) for k, v in m.items()}
+        dedup_cfg = ExactDedupConfig(content_getter=dedup_content, document_priority=dedup_priority)
+        last = []
+        if c.exact_dedup:
+            execute([cleaned(), ExactDedupSignature(str(work / "sigs"), dedup_cfg)],
+                    shards, logs / "2_exact_signatures", ex, "exact-sigs")
+            execute([ExactFindDedups(str(work / "sigs"), str(work / "dups"), dedup_cfg)],
+                    1, logs / "3_exact_duplicates", ex, "exact-dups")
+            last += [ExactDedupFilter(str(work / "dups"), dedup_cfg), SourceCounter("exact_dedup")]
+            bar.advance(1, phase="exact dedup")
+        if c.near_dedup is not None:
+            last += self._near_dedup(cleaned, shards, work, logs)
+            bar.advance(1, phase="near dedup")
+        fraction = 0.0 if c.heldout is not None else c.heldout_fraction
+        writer = JsonlWriter(str(out), output_filename=f"${{{OUT_KEY}}}/${{rank}}.jsonl.gz",
+                             compression="gzip", adapter=write_adapter)
+        final = execute([cleaned(), *last, HeldoutSplit(fraction, c.split_seed, c.train_dir),
+                         writer], shards, logs / "9_write", ex, "write")
+        bar.advance(1, phase="written")
+        return {**counters, **final}
+
+    def _near_dedup(self, cleaned, shards: int, work: Path, logs: Path) -> list:
+        """Runs MinHash signatures, buckets and clusters; returns the filter step."""
+        from datatrove.pipeline.dedup.minhash import (
+            MinhashConfig,
+            MinhashDedupBuckets,
+            MinhashDedupCluster,
+            MinhashDedupSignature,
+        )
+
+        from factory.corpus.dedup import NearDedupFilter, heldout_clusters
+
+        nd, ex = self.config.near_dedup, self.config.executor
+        cfg = MinhashConfig(n_grams=nd.n_grams, num_buckets=nd.buckets,
+                            hashes_per_bucket=nd.hashes_per_bucket, seed=nd.seed)
+        sigs, buckets, clusters = work / "mh_sigs", work / "mh_buckets", work / "mh_clusters"
+        execute([cleaned(), MinhashDedupSignature(str(sigs), config=cfg)], shards,
+                logs / "4_minhash_signatures", ex, "mh-sigs")
+        execute([MinhashDedupBuckets(str(sigs), str(buckets), config=cfg)], nd.buckets,
+                logs / "5_minhash_buckets", ex, "mh-buckets")
+        execute([MinhashDedupCluster(str(buckets), str(clusters), config=cfg,
+                                     save_cluster_id=True)], 1,
+                logs / "6_minhash_clusters", ex, "mh-clusters")
+        held = []
+        if self.config.heldout is not None:
+            held = heldout_clusters(sorted((work / "clean").glob("*.jsonl")), clusters)
+        return [NearDedupFilter(str(clusters), held)]
+
+
+def _total_steps(stats: dict) -> list[tuple[str, dict]]:
+    """Documents and words after each step, summed over sources (for step-indexed metrics)."""
+    rows: dict[str, dict] = {}
+    for s in stats["sources"].values():
+        for r in s["steps"]:
+            t = rows.setdefault(r["name"], {"docs_out": 0, "words_out": 0})
+            t["docs_out"] += r["docs_out"]
+            t["words_out"] += r.get("words_out", 0)
+    return list(rows.items())

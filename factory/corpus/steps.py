@@ -1,5 +1,5 @@
-"""The corpus stage's own datatrove steps: counting readers, text normalisation, a minimum
-length filter, the held-out split, and the helpers datatrove's exact dedup and writer call.
+"""The corpus stage's own datatrove steps: text normalisation, a minimum length filter,
+the held-out split, and the helpers datatrove's exact dedup and writer call.
 
 Every step counts documents per source under labels `<step>:<source>:<what>` (what = in,
 out, dropped_<reason>, words...), so the stage can report each step's effect on each source
@@ -16,8 +16,6 @@ import unicodedata
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from datatrove.pipeline.readers import HuggingFaceDatasetReader, JsonlReader
-from datatrove.utils.logging import logger
 
 # Metadata key naming a document's output folder ("train/<source>" or "heldout"); the writer
 # substitutes it into the file name and the adapter drops it from the written record.
@@ -30,98 +28,11 @@ def label(step: str, source: str, what: str) -> str:
     return f"{step}:{source}:{what}"
 
 
-def _claim_source(doc: Document, source: str) -> None:
-    """Add the `source` field, keeping an original field of that name as `orig_source`."""
-    old = doc.metadata.get(SOURCE_KEY)
-    if old is not None and old != source:
-        doc.metadata["orig_source"] = old
-    doc.metadata[SOURCE_KEY] = source
-
-
-class _CountingReader:
-    """Mixin for readers: counts read/kept records and records without usable text."""
-
-    step = "read"
-
-    def _setup(self, source: str, heldout: bool) -> None:
-        self.source = source
-        self.heldout = heldout
-
-    def get_document_from_dict(self, data, source_file, id_in_file):
-        self.stat_update(label(self.step, self.source, "in"))
-        text = data.get(self.text_key) if isinstance(data, dict) else None
-        if not isinstance(text, str) or not text:
-            self.stat_update(label(self.step, self.source, "dropped_missing_text"))
-            return None
-        doc = super().get_document_from_dict(data, source_file, id_in_file)
-        if doc is None:
-            self.stat_update(label(self.step, self.source, "dropped_missing_text"))
-            return None
-        doc.metadata.pop("file_path", None)
-        _claim_source(doc, self.source)
-        if self.heldout:
-            doc.metadata[OUT_KEY] = HELDOUT
-        self.stat_update(label(self.step, self.source, "out"))
-        return doc
-
-
-class SourceJsonlReader(_CountingReader, JsonlReader):
-    """JSON Lines (.jsonl / .jsonl.gz) of one source; bad lines are skipped and counted."""
-
-    name = "🐿 Jsonl (counting)"
-
-    def __init__(self, data_folder: str, paths_file: str, source: str, text_key: str = "text",
-                 heldout: bool = False):
-        super().__init__(data_folder, paths_file=paths_file, text_key=text_key, id_key="id",
-                         add_file_path=False)
-        self._setup(source, heldout)
-
-    def read_file(self, filepath: str) -> DocumentsPipeline:
-        import orjson
-
-        try:
-            with self.data_folder.open(filepath, "rb", compression=self.compression) as f:
-                for li, raw in enumerate(f):
-                    if not raw.strip():
-                        continue
-                    with self.track_time():
-                        try:
-                            data = orjson.loads(raw)
-                        except orjson.JSONDecodeError:
-                            data = None
-                        if not isinstance(data, dict):
-                            self.stat_update(label(self.step, self.source, "in"))
-                            self.stat_update(label(self.step, self.source, "dropped_corrupt_json"))
-                            continue
-                        doc = self.get_document_from_dict(data, filepath, li)
-                    if doc is not None:
-                        yield doc
-        except (EOFError, OSError) as e:
-            # a truncated or damaged compressed file: keep what was read, say so
-            self.stat_update(label(self.step, self.source, "truncated_files"))
-            logger.warning(f"source {self.source!r}: {filepath} is damaged after the records "
-                           f"read so far ({e.__class__.__name__}: {e}); the rest is skipped")
-
-
-class SourceHFReader(_CountingReader, HuggingFaceDatasetReader):
-    """A Hugging Face dataset (hub id or local folder), streamed, as one source."""
-
-    name = "🤗 HuggingFace (counting)"
-
-    def __init__(self, dataset: str, split: str, config: str | None, source: str,
-                 text_key: str = "text", heldout: bool = False):
-        options = {"split": split} | ({"name": config} if config else {})
-        super().__init__(dataset, dataset_options=options, streaming=True, text_key=text_key,
-                         id_key="id")
-        self._setup(source, heldout)
-
-    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1):
-        # One task streams the whole dataset: the generated ids (`<dataset>/<rank>/<row>` when
-        # rows have no `id`) and with them the held-out split must not depend on the task count.
-        if data:
-            yield from data
-        if rank == 0:
-            yield from super().run(None, 0, 1)
+def count_out(step: PipelineStep, name: str, doc: Document) -> None:
+    """Counts a document, and its words, leaving step `name`."""
+    src = doc.metadata.get(SOURCE_KEY, "")
+    step.stat_update(label(name, src, "out"))
+    step.stat_update(label(name, src, "words_out"), value=len(doc.text.split()))
 
 
 _HSPACE = re.compile(r"[^\S\n]+")      # whitespace except newline
@@ -152,7 +63,7 @@ class NormalizeText(PipelineStep):
             if not doc.text:
                 self.stat_update(label(self.name, src, "dropped_empty"))
                 continue
-            self.stat_update(label(self.name, src, "out"))
+            count_out(self, self.name, doc)
             yield doc
 
 
@@ -168,10 +79,12 @@ class MinWordsFilter(BaseFilter):
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         src = doc.metadata.get(SOURCE_KEY, "")
         self.stat_update(label(self.name, src, "in"))
-        if len(doc.text.split()) < self.min_words:
+        n = len(doc.text.split())
+        if n < self.min_words:
             self.stat_update(label(self.name, src, "dropped_too_few_words"))
             return False, "too_few_words"
         self.stat_update(label(self.name, src, "out"))
+        self.stat_update(label(self.name, src, "words_out"), value=n)
         return True
 
 
@@ -187,13 +100,13 @@ class SourceCounter(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
-            self.stat_update(label(self.step, doc.metadata.get(SOURCE_KEY, ""), "out"))
+            count_out(self, self.step, doc)
             yield doc
 
 
 def heldout_score(seed: int, doc_id: str) -> float:
     """A deterministic number in [0, 1) per document: sha256(seed + ":" + id)."""
-    h = hashlib.sha256(f"{seed}:{doc_id}".encode("utf-8")).digest()
+    h = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2 ** 64
 
 
@@ -208,10 +121,11 @@ class HeldoutSplit(PipelineStep):
     type = "🔀 - SPLIT"
     name = "heldout_split"
 
-    def __init__(self, fraction: float, seed: int):
+    def __init__(self, fraction: float, seed: int, train_dir: str = "train/{source}"):
         super().__init__()
         self.fraction = fraction
         self.seed = seed
+        self.train_dir = train_dir
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         for doc in data:
@@ -219,12 +133,12 @@ class HeldoutSplit(PipelineStep):
             self.stat_update(label(self.name, src, "in"))
             if doc.metadata.get(OUT_KEY) != HELDOUT:
                 held = self.fraction > 0 and heldout_score(self.seed, str(doc.id)) < self.fraction
-                doc.metadata[OUT_KEY] = HELDOUT if held else f"train/{src}"
+                doc.metadata[OUT_KEY] = HELDOUT if held else self.train_dir.format(source=src)
             side = "heldout" if doc.metadata[OUT_KEY] == HELDOUT else "train"
             self.stat_update(label(self.name, src, f"{side}_docs"))
             self.stat_update(label(self.name, src, f"{side}_words"), value=len(doc.text.split()))
             if side == "train":
-                self.stat_update(label(self.name, src, "out"))
+                count_out(self, self.name, doc)
             yield doc
 
 

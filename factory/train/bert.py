@@ -73,9 +73,12 @@ def post_ln_layer_spec() -> ModuleSpec:
 
     The stock spec maps `input_layernorm.` to `self_attention.linear_qkv.layer_norm_` in
     checkpoints (the pre-LN TE layout). Here that norm is a post-LN, so the map is dropped:
-    a checkpoint of this model must not load silently into a pre-LN BERT.
+    a checkpoint of this model must not load silently into a pre-LN BERT. Core attention is
+    the process's backend (factory/train/attention.py: SDPA on a GPU without TE).
     """
-    sub = bert_layer_local_spec.submodules
+    from factory.train.attention import with_core_attention
+
+    sub = with_core_attention(bert_layer_local_spec).submodules
     return ModuleSpec(module=PostLNTransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
         self_attn_bda=sub.self_attn_bda, pre_mlp_layernorm=sub.pre_mlp_layernorm,

@@ -85,8 +85,13 @@ def set_rng_states(s: dict[str, Any]) -> None:
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         consumed_samples: int, keep_steps: set[int] | None = None) -> Path:
-    """Write checkpoint `step` atomically, point latest.txt at it, prune to `keep_steps`."""
+         consumed_samples: int, keep_steps: set[int] | None = None,
+         phase: str | None = None) -> Path:
+    """Write checkpoint `step` atomically, point latest.txt at it, prune to `keep_steps`.
+
+    The data position is (phase, consumed_samples): samples are a function of their index, so
+    the index alone resumes the data; the phase name is a check that the blend plan agrees.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -99,7 +104,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         (tmp / "extra").mkdir()
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
-    extra = {"step": step, "consumed_samples": consumed_samples,
+    extra = {"step": step, "consumed_samples": consumed_samples, "phase": phase,
              "optimizer": optimizer.state_dict(), "rng": rng_states()}
     _write(tmp / "extra" / f"rank{rank:05d}.pt", lambda f: torch.save(extra, f))
     _barrier()

@@ -2,10 +2,19 @@
 
 GPT: `GPTDataset`; BERT: `BERTMaskedWordPieceDataset` (80/10/10 masking, whole words via the
 tokenizer's `##` continuations, no next-sentence head); sources blended with
-`BlendedMegatronDatasetBuilder` by the pack.json weights. Megatron derives every sample from
-(seed, index) alone (shuffles are seeded, BERT masking reseeds per index), so the data position
-of a run is just the number of samples it has consumed: step s reads samples
-[(s-1) * global_batch, s * global_batch). Nothing to save, nothing to fast-forward.
+`BlendedMegatronDatasetBuilder`. The weights come from the blend plan the pretrain stage computes
+(factory.corpus.blend: phases, each a stretch of the run with its own weights; `epochs` turned
+into shares) or, without one, from the pack.json weights.
+
+Phases: phase p covers samples [round(start_p * n), round(start_{p+1} * n)) of the n planned
+samples; its own blended dataset is built with seed `phase_seed(seed, p)`, and global sample i
+of the run is sample i - first_p of its phase's dataset. So the order is a function of
+(seed, phase, position) and switches at the boundary within one run.
+
+Megatron derives every sample from (seed, index) alone (shuffles are seeded, BERT masking
+reseeds per index), so the data position of a run is just the number of samples it has
+consumed: step s reads samples [(s-1) * global_batch, s * global_batch). Nothing to save,
+nothing to fast-forward.
 
 Both datasets need an initialised process group (factory.train.parallel.init) and write their
 index caches under `cache_dir`.
@@ -37,6 +46,35 @@ class Blend:
     prefixes: list[str]      # absolute IndexedDataset prefixes
     weights: list[float]     # normalised
     names: list[str]
+
+
+@dataclass(frozen=True)
+class BlendPhase:
+    name: str
+    start: float             # fraction of the run's samples
+    weights: list[float]     # per Blend.names, normalised (0 = not drawn in this phase)
+
+
+def phase_seed(seed: int, phase: int) -> int:
+    """The seed of phase `phase`'s sample order (phase 0 keeps the run's seed)."""
+    return seed if phase == 0 else (seed * 1_000_003 + phase * 7_919) % (2 ** 31 - 1)
+
+
+def read_phases(plan: dict | None, blend: Blend) -> list[BlendPhase]:
+    """The phases of a blend plan (factory.corpus.blend); one phase with the pack.json
+    weights without one."""
+    if plan is None:
+        return [BlendPhase("main", 0.0, list(blend.weights))]
+    try:
+        out = []
+        for p in plan["phases"]:
+            w = [float(p["weights"].get(n, 0.0)) for n in blend.names]
+            total = sum(w)
+            out.append(BlendPhase(p["name"], float(p["start"]), [x / total for x in w]))
+    except (OSError, ValueError, KeyError, ZeroDivisionError) as e:
+        raise UserError(f"blend plan: not readable ({e.__class__.__name__}: {e}); check "
+                        "corpus.sources and corpus.phases") from None
+    return out
 
 
 def read_blend(pack_dir: Path) -> Blend:
@@ -75,20 +113,41 @@ def load_tokenizer(tokenizer_dir: Path):
 
 def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenizer,
                         seq_length: int, num_samples: int, seed: int, cache_dir: Path,
-                        mask_prob: float = 0.15, whole_word_masking: bool = True
-                        ) -> "TrainData":
-    """The blended training dataset with at least `num_samples` samples."""
+                        mask_prob: float = 0.15, whole_word_masking: bool = True,
+                        plan: dict | None = None) -> TrainData:
+    """The run's training samples (at least `num_samples`), phase by phase of `plan`."""
+    blend = read_blend(pack_dir)
+    phases = read_phases(plan, blend)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    bounds = [round(p.start * num_samples) for p in phases] + [num_samples]
+    parts = []
+    for i, ph in enumerate(phases):
+        size = bounds[i + 1] - bounds[i]
+        if size <= 0:
+            continue
+        used = [j for j, w in enumerate(ph.weights) if w > 0]
+        ds = _build_blend(family, [blend.prefixes[j] for j in used],
+                          [ph.weights[j] for j in used], tokenizer, seq_length, size,
+                          phase_seed(seed, i), cache_dir, mask_prob, whole_word_masking, pack_dir)
+        parts.append(_Part(ph.name, bounds[i], ds, [blend.names[j] for j in used]))
+        log.info("training data, phase %s: samples [%d, %d) from %s", ph.name, bounds[i],
+                 bounds[i + 1], ", ".join(f"{blend.names[j]} ({ph.weights[j]:.2f})" for j in used))
+    return TrainData(family, PhasedDataset(parts), seq_length)
+
+
+def _build_blend(family, prefixes, weights, tokenizer, seq_length, num_samples, seed,
+                 cache_dir, mask_prob, whole_word_masking, pack_dir):
+    """One megatron dataset (blended over `prefixes` when more than one)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
 
-    blend = read_blend(pack_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(weights)
     # One source: no blending layer (megatron builds the mid-level dataset directly).
-    weights = blend.weights if len(blend.prefixes) > 1 else None
-    common = dict(random_seed=seed, sequence_length=seq_length,
-                  blend=(blend.prefixes, weights), split="1,0,0",
-                  path_to_cache=str(cache_dir), tokenizer=tokenizer)
+    weights = [w / total for w in weights] if len(prefixes) > 1 else None
+    common = {"random_seed": seed, "sequence_length": seq_length,
+              "blend": (prefixes, weights), "split": "1,0,0",
+              "path_to_cache": str(cache_dir), "tokenizer": tokenizer}
     if family == "gpt":
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -123,9 +182,46 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
     if train is None or len(train) < num_samples:
         raise UserError(f"{pack_dir}: the pack yields {0 if train is None else len(train)} "
                         f"training samples, {num_samples} needed")
-    log.info("training data: %d samples from %s", len(train),
-             ", ".join(f"{n} ({w:.2f})" for n, w in zip(blend.names, blend.weights)))
-    return TrainData(family, train, seq_length)
+    return train
+
+
+@dataclass(frozen=True)
+class _Part:
+    name: str
+    first: int               # the run's index of this phase's sample 0
+    dataset: Any
+    names: list[str]         # sources of the dataset, in its blend order
+
+
+class PhasedDataset:
+    """The run's samples: phase datasets laid end to end."""
+
+    def __init__(self, parts: list[_Part]):
+        self.parts = parts
+        self._firsts = [p.first for p in parts]
+
+    def __len__(self) -> int:
+        return self.parts[-1].first + len(self.parts[-1].dataset)
+
+    def _locate(self, index: int) -> tuple[_Part, int]:
+        k = int(np.searchsorted(self._firsts, index, side="right")) - 1
+        if k + 1 < len(self.parts) or index - self.parts[k].first < len(self.parts[k].dataset):
+            return self.parts[k], index - self.parts[k].first
+        raise IndexError(index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part, j = self._locate(index)
+        return part.dataset[j]
+
+    def phase_of(self, index: int) -> str:
+        return self._locate(index)[0].name
+
+    def source_of(self, index: int) -> str:
+        """The source sample `index` is drawn from."""
+        part, j = self._locate(index)
+        if len(part.names) == 1:
+            return part.names[0]
+        return part.names[int(part.dataset.dataset_index[j])]
 
 
 class TrainData:
@@ -141,6 +237,13 @@ class TrainData:
 
     def sample(self, index: int) -> dict[str, Any]:
         return self.dataset[index]
+
+    def phase_of(self, index: int) -> str:
+        """The blend phase of global sample `index` (for logging)."""
+        return self.dataset.phase_of(index)
+
+    def source_of(self, index: int) -> str:
+        return self.dataset.source_of(index)
 
     def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
         """Model inputs as int64/float tensors:

@@ -59,7 +59,8 @@ class ExportStage(Stage):
             raise UserError(f"{tokenizer}: no tokenizer.json; rerun the vocab stage")
         step, _ = newest_checkpoint(pretrain)
 
-        parallel.init()
+        # Always one process: under torchrun the runner exports on rank 0 alone.
+        parallel.init(solo=True)
         model = load_checkpoint_model(pretrain).eval()
         out = ctx.out / "hf"
         save_hf(model, cfg, tokenizer, out)

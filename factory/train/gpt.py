@@ -13,6 +13,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from factory.train.attention import with_core_attention
 from factory.train.models import ModelConfig
 
 
@@ -61,7 +62,8 @@ def build_gpt(cfg: ModelConfig) -> LlamaGPTModel:
         raise ValueError(f"build_gpt needs family gpt, got {cfg.family!r}")
     return LlamaGPTModel(
         config=transformer_config(cfg),
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=with_core_attention(
+            get_gpt_layer_local_spec(normalization="RMSNorm")),
         vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
         # HF's rotate_half RoPE is megatron's non-interleaved one (rotary_interleaved=False).
         position_embedding_type="rope", rotary_base=cfg.rotary_base, rotary_percent=1.0,

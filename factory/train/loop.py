@@ -1,19 +1,29 @@
 """The training loop: micro-batches accumulated to the global batch, AdamW, clipping, metrics.
 
-Single process here (world size 1). The data-parallel seams are in place: each rank reads its
-slice of the global batch by sample index and the loss-token count is summed over the
-data-parallel group; a multi-process run must still wrap the model for gradient all-reduce.
+Runs alone or on every rank of a torchrun job. Data parallel: each rank reads its slice of
+the global batch by sample index, the loss is a mean over the loss tokens of the whole global
+batch (their count is summed over the data-parallel group first), so each rank's gradients are
+partial sums and one coalesced SUM all-reduce makes them the single-process gradients. Tensor
+parallel: megatron's layers communicate inside forward/backward; the grad norm counts every
+parameter once (a TP-duplicated norm weight once, a sharded matrix's shards summed over the
+model-parallel group), so clipping matches TP=1. Only global rank 0 writes metrics.jsonl.
+
+bf16 is torch autocast over fp32 master weights (torch AdamW works unchanged; megatron's
+mixed-precision optimizer needs CUDA tensors). GPU only: megatron's linear layers restore the
+autocast state in backward through torch.amp.custom_bwd(device_type="cuda"), so on CPU their
+backward meets a bf16 gradient and an fp32 weight and fails; the stage refuses bf16 there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -37,6 +47,8 @@ class LoopConfig:
     clip_grad: float = 1.0
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
+    precision: Literal["fp32", "bf16"] = "fp32"
+    flops_per_token: float | None = None    # training FLOPs per token, for MFU (GPU only)
 
     def checkpoint_steps_to_keep(self, step: int) -> set[int]:
         """The last `keep_checkpoints` interval checkpoints up to `step`, plus the final one."""
@@ -55,7 +67,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+    # One fused kernel for the whole update on GPU; the foreach path on CPU.
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
 
 
 def forward_loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Tensor]
@@ -113,18 +127,95 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device)
     for batch in micro:
-        per_token = forward_loss(model, cfg.family, batch)
+        with autocast(cfg.precision, device):
+            per_token = forward_loss(model, cfg.family, batch)
         summed = (per_token.float() * batch["loss_mask"]).sum()
         (summed / n_tokens).backward()
         loss_sum += summed.detach()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if dp_group is not None:
+        all_reduce_grads(params, dp_group)
         dist.all_reduce(loss_sum, group=dp_group)
 
-    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    max_norm = cfg.clip_grad if cfg.clip_grad > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = clip_grad_norm(params, cfg.clip_grad)
     optimizer.step()
     return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": grad_norm}
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16: torch autocast (matmuls in bf16, fp32 weights and reductions); fp32: nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
+    """SUM-all-reduce every gradient over `group`, coalesced into one buffer per dtype."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:      # every rank must send the same layout
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+            g.copy_(synced)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """The global L2 grad norm (every parameter counted once across model-parallel ranks),
+    and the gradients scaled down to `max_norm` when above it (0 = no clipping)."""
+    import torch.distributed as dist
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    own = [p.grad for p in params if p.grad is not None and _counts_here(p)]
+    device = grads[0].device
+    sq = (torch.stack(torch._foreach_norm([g.float() for g in own])).pow(2).sum()
+          if own else torch.zeros((), device=device))
+    mp_group = _model_parallel_group()
+    if mp_group is not None:
+        dist.all_reduce(sq, group=mp_group)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6), capped at 1.
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return float(norm)
+
+
+def _counts_here(p: torch.nn.Parameter) -> bool:
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    if not parallel_state.model_parallel_is_initialized():
+        return True
+    return param_is_not_tensor_parallel_duplicate(p)
+
+
+def _model_parallel_group():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized() or not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_tensor_model_parallel_world_size() * \
+            parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_model_parallel_group()
+
+
+def is_writer() -> bool:
+    """True on the one process that writes run files (global rank 0, or a lone process)."""
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
@@ -133,9 +224,15 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
           on_checkpoint: Callable[[int], None], track: Any = None) -> None:
     """Steps start_step+1 .. total_steps; one metrics.jsonl line per step, then checkpoints."""
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
-    log.info("training steps %d..%d: %d micro-batches of %d per step", start_step + 1,
-             cfg.total_steps, cfg.global_batch_size // cfg.micro_batch_size, cfg.micro_batch_size)
-    with open(metrics_path, "a", encoding="utf-8") as f:
+    _, dp_size, _ = _dp()
+    log.info("training steps %d..%d: %d micro-batches of %d per step on each of %d "
+             "data-parallel ranks", start_step + 1, cfg.total_steps,
+             cfg.global_batch_size // (cfg.micro_batch_size * dp_size), cfg.micro_batch_size,
+             dp_size)
+    peak = peak_flops_per_s() if cfg.flops_per_token else None
+    writer = is_writer()
+    with (open(metrics_path, "a", encoding="utf-8") if writer
+          else contextlib.nullcontext()) as f:
         for step in range(start_step + 1, cfg.total_steps + 1):
             t0 = time.perf_counter()
             m = train_step(model, optimizer, data, cfg, step)
@@ -144,13 +241,45 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
                 raise FloatingPointError(f"step {step}: loss is {m['loss']}; lower training.lr "
                                          "or raise schedule warmup")
             m.update(tokens_per_s=tokens_per_step / dt, tokens=float(step * tokens_per_step))
-            f.write(json.dumps({"step": step, **m}) + "\n")
-            f.flush()
-            on_metrics(step, m)
-            if track is not None:
-                track.advance(1, loss=m["loss"], lr=m["lr"])
+            if peak:
+                m["mfu"] = m["tokens_per_s"] * cfg.flops_per_token / (peak * _world())
+            if writer:
+                f.write(json.dumps({"step": step, **m}) + "\n")
+                f.flush()
+                on_metrics(step, m)
+                if track is not None:
+                    track.advance(1, loss=m["loss"], lr=m["lr"])
             if step % cfg.checkpoint_interval == 0 or step == cfg.total_steps:
                 on_checkpoint(step)
+
+
+def flops_per_token(num_layers: int, hidden_size: int, seq_length: int,
+                    dense_parameters: int) -> float:
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention's
+    12 * layers * hidden * seq (Chowdhery et al. 2022, PaLM, appendix B)."""
+    return 6.0 * dense_parameters + 12.0 * num_layers * hidden_size * seq_length
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets), FLOP/s per GPU.
+_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+
+
+def peak_flops_per_s() -> float | None:
+    """This GPU's bf16 peak (FACTORY_PEAK_TFLOPS overrides); None on CPU or an unknown card."""
+    import os
+
+    if os.environ.get("FACTORY_PEAK_TFLOPS"):
+        return float(os.environ["FACTORY_PEAK_TFLOPS"]) * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in _PEAKS.items() if k in name), None)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def read_metrics(metrics_path: Path, up_to: int | None = None) -> list[dict[str, float]]:

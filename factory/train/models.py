@@ -83,6 +83,15 @@ class ModelConfig:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    def matmul_parameters(self) -> int:
+        """Weights that a token multiplies (every layer's matrices and the output projection;
+        not the embedding lookups): the N of the 6N training FLOPs per token."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * (self.num_attention_heads + 2 * self.query_groups) * d + h * h
+        mlp = (3 if self.family == "gpt" else 2) * h * self.ffn_hidden_size
+        head = h * h if self.family == "bert" else 0        # BERT's MLM transform
+        return self.num_layers * (attn + mlp) + head + self.padded_vocab_size * h
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

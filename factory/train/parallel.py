@@ -1,14 +1,13 @@
 """Process groups and parallel layout, applied from outside the model code.
 
 `init(tp, pp)` works in three situations: under torchrun (reads RANK/WORLD_SIZE/MASTER_*),
-in a plain single process (world size 1 over a private TCP store), and on GPU (nccl) or CPU
+in a plain single process (world size 1 over an in-memory store), and on GPU (nccl) or CPU
 (gloo). Model builders read only their config; they never touch process groups.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -30,33 +29,72 @@ class Layout:
         return world_size // mp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def layout_problems(layout: Layout, family: str, num_attention_heads: int,
+                    num_query_groups: int | None = None) -> list[str]:
+    """What is wrong with `layout` for a model, as manifest-field lines (empty when fine).
+
+    Checked before any weight is loaded: megatron would otherwise fail deep inside a layer
+    constructor with a bare assertion.
+    """
+    problems = []
+    tp, pp = layout.tensor_parallel, layout.pipeline_parallel
+    if num_attention_heads % tp:
+        problems.append(f"parallel.tensor {tp} must divide the {num_attention_heads} attention "
+                        "heads")
+    groups = num_query_groups or num_attention_heads
+    if groups % tp:
+        problems.append(f"parallel.tensor {tp} must divide the {groups} query groups "
+                        "(model.num_query_groups)")
+    if pp > 1:
+        problems.append(f"parallel.pipeline {pp}: not supported yet (the loop has no "
+                        "pipeline schedule); use tensor and data parallel")
+    return problems
 
 
-def init(layout: Layout = Layout(), seed: int = 1234) -> None:
-    """Initialise torch.distributed and megatron's model-parallel state (idempotent)."""
+def world_size() -> int:
+    """The torchrun world size (1 for a lone process), before or after init."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init(layout: Layout = Layout(), seed: int = 1234, solo: bool = False) -> None:
+    """Initialise torch.distributed and megatron's model-parallel state (idempotent).
+
+    solo=True makes a world of one even under torchrun (RANK set): for single-process work
+    such as export on rank 0 after the multi-rank pretrain has called `shutdown()`.
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     cpu_patches.apply()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        if "RANK" in os.environ and not solo:
+            dist.init_process_group(backend)
+        else:
+            # A lone process needs no rendezvous: an in-memory store cannot collide on a port
+            # (a TCP store did, with checkpoint-saver children still holding an old socket).
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if parallel_state.model_parallel_is_initialized() and (
+            parallel_state.get_tensor_model_parallel_world_size() != layout.tensor_parallel or
+            parallel_state.get_pipeline_model_parallel_world_size() != layout.pipeline_parallel):
+        # Another layout in the same process (tests, a library user): rebuild the groups.
+        parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         layout.data_parallel(dist.get_world_size())
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel,
             pipeline_model_parallel_size=layout.pipeline_parallel)
     model_parallel_cuda_manual_seed(seed)
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def shutdown() -> None:

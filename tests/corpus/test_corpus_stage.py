@@ -84,7 +84,13 @@ def test_counts_dedup_split_and_fields(planted, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     steps = {s["name"]: s for s in stats["sources"]["pubmed"]["steps"]}
     assert steps["read"] == {"name": "read", "docs_in": 36, "docs_out": 34,
+                             "words_out": steps["read"]["words_out"],
                              "dropped": {"corrupt_json": 1, "missing_text": 1}}
+    assert steps["heldout_split"]["words_in"] == steps["exact_dedup"]["words_out"] > 0
+    assert stats["sources"]["pubmed"]["removed"] == {
+        "corrupt": 2, "filtered:normalize": 0, "filtered:min_words": 2, "exact_dup": 2}
+    assert [(Path(r["file"]).name, r["line"], r["reason"]) for r in stats["corrupt_lines"]] == [
+        ("part1.jsonl.gz", 10, "corrupt_json"), ("part2.jsonl", 12, "missing_text")]
     assert (steps["normalize"]["docs_in"], steps["normalize"]["docs_out"]) == (34, 34)
     assert steps["min_words"]["dropped"] == {"too_few_words": 2}
     assert (steps["exact_dedup"]["docs_in"], steps["exact_dedup"]["docs_out"]) == (32, 30)

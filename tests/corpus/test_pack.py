@@ -160,3 +160,17 @@ def test_sentence_rule():
     assert split_sentences(text) == ["Aspirin in MI.", "Patients (n=5) improved.",
                                      "5 patients died!", '"Quoted."',
                                      "Then: e.g. a case. lower starts stay."]
+
+
+def test_worker_processes_write_the_same_bytes(tmp_path):
+    corpus = corpus_folder(tmp_path / "corpus", {"pm": (0, 40)}, n_held=5)
+    vocab = vocab_folder(tmp_path / "vocab", "wordpiece", corpus)
+    out = {}
+    for w in (1, 2):
+        out[w] = tmp_path / f"pack{w}"
+        out[w].mkdir()
+        PackStage(PackConfig(family="bert", sources=[PackSource(name="pm", weight=1.0)],
+                             workers=w)).run(
+            StageContext(out=out[w], inputs={"corpus": corpus, "vocab": vocab}))
+    for name in ("pm_train.bin", "pm_train.idx", "heldout.bin", "unigram_counts.npy"):
+        assert (out[1] / name).read_bytes() == (out[2] / name).read_bytes(), name

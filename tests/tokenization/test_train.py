@@ -127,3 +127,37 @@ def test_empty_corpus_is_a_user_error():
 def test_unknown_kind_is_rejected():
     with pytest.raises(ValueError, match="unknown tokenizer kind"):
         train_tokenizer("sentencepiece", 1000, "uncased", 2, texts(PUBMED, 5))
+
+
+def test_pipeline_options_special_tokens_digits_accents(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tokenization.train import TrainOptions
+
+    opts = TrainOptions(strip_accents=True, special_tokens=("<|code|>", "<pad>"),
+                        split_digits=True)
+    tok = train_tokenizer("byte_bpe", 600, "cased", 2, texts(PUBMED, 200), opts)
+    assert [tok.id_to_token(i) for i in range(4)] == GPT_SPECIALS + ["<|code|>"]  # no repeat
+    text = "Naïve cohort in 2020 <|code|> done"
+    pieces = tok.encode(text).tokens
+    assert "<|code|>" in pieces                                  # never split
+    assert [p for p in pieces if p.strip("Ġ").isdigit()] == ["2", "0", "2", "0"]
+    assert tok.decode(tok.encode(text).ids).startswith("Naive cohort in 2020")
+    hf = AutoTokenizer.from_pretrained(save_tokenizer(tok, "byte_bpe", tmp_path / "t"))
+    assert hf(text)["input_ids"] == tok.encode(text).ids
+
+
+def test_cased_wordpiece_can_strip_accents_but_not_split_digits(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tokenization.train import TrainOptions
+
+    tok = train_tokenizer("wordpiece", 1200, "cased", 2, texts(PUBMED, 300),
+                          TrainOptions(strip_accents=True))
+    hf = AutoTokenizer.from_pretrained(save_tokenizer(tok, "wordpiece", tmp_path / "t"))
+    ids = hf("Naïve Patients", add_special_tokens=False)["input_ids"]
+    assert hf.decode(ids) == "Naive Patients"                   # accents gone, case kept
+    assert ids == tok.encode("Naïve Patients", add_special_tokens=False).ids
+    with pytest.raises(UserError, match="split_digits: not supported yet for wordpiece"):
+        train_tokenizer("wordpiece", 1200, "uncased", 2, texts(PUBMED, 10),
+                        TrainOptions(split_digits=True))

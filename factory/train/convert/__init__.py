@@ -106,15 +106,15 @@ def _family(cfg: ModelConfig):
 
 
 def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelConfig) -> None:
-    """Copy a HF checkpoint's weights into `model` (built from `cfg`, TP=1), in place.
+    """Copy a HF checkpoint's weights into `model` (built from `cfg`, any TP), in place.
 
     Every model tensor must be covered except those the family may leave at their fresh
     initialisation (BERT's MLM head, when the checkpoint is a bare BertModel).
     """
-    _require_tp1("importing a Hugging Face checkpoint")
     hf_folder = Path(hf_folder)
     fam = _family(cfg)
     converted, fresh_ok = fam.hf_to_megatron(read_safetensors(hf_folder), cfg, source=hf_folder)
+    converted = _tensor_parallel_shards(model, converted, cfg)
     own = model.state_dict()
     problems = []
     with torch.no_grad():
@@ -134,6 +134,39 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelCon
     if missing:
         raise RuntimeError(f"conversion left model tensors unset: {missing[:5]}")
     log.info("loaded %d tensors from %s", len(converted), hf_folder)
+
+
+def _tensor_parallel_shards(model: torch.nn.Module, full: dict[str, Tensor],
+                            cfg: ModelConfig) -> dict[str, Tensor]:
+    """This rank's slices of full (TP=1) tensors, the way megatron splits each parameter.
+
+    A parameter marked `tensor_model_parallel` is cut into TP equal chunks along its
+    `partition_dim` (column-parallel rows, row-parallel columns, vocabulary rows). The fused
+    QKV needs nothing more: its rows go per query group, and groups split contiguously.
+    SwiGLU's fc1 = [gate; up] is the exception: each rank holds [gate_r; up_r].
+    """
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return full
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return full
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    params = dict(model.named_parameters())
+    out = {}
+    for key, value in full.items():
+        p = params.get(key)
+        if p is None or not getattr(p, "tensor_model_parallel", False):
+            out[key] = value
+            continue
+        dim = p.partition_dim
+        if cfg.family == "gpt" and key.endswith("mlp.linear_fc1.weight"):
+            gate, up = value.chunk(2, dim=0)
+            out[key] = torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]])
+        else:
+            out[key] = value.chunk(tp, dim=dim)[rank]
+    return out
 
 
 def save_hf(model: torch.nn.Module, cfg: ModelConfig, tokenizer_dir: Path | None,

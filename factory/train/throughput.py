@@ -1,0 +1,138 @@
+"""Step-time measurement shared by benchmarks/cpu_step_time.py and benchmarks/gpu_check.sh:
+the factory's megatron-core models against Hugging Face twins of the same dimensions.
+
+Every runner is a zero-argument function doing one full training step (forward, backward,
+clip, AdamW) on fixed synthetic data; `time_interleaved` runs them in turns, step by step, so
+load from other processes hits them alike, and reports medians.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from factory.train.loop import autocast
+from factory.train.models import ModelConfig
+
+Runner = Callable[[], None]
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+            precision: str = "fp32") -> Runner:
+    """One training step of `model` under `precision` with the loop's AdamW and clipping."""
+    from factory.train.loop import build_optimizer
+
+    opt = build_optimizer(model, 1e-4, (0.9, 0.999), 1e-8, 0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast(precision, device()):
+            loss = loss_fn(model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    return step
+
+
+def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32",
+                 backends: tuple[str, ...] = ("local",), full_head: bool = False,
+                 seed: int = 0) -> dict[str, Runner]:
+    """`hf` (BertForMaskedLM, its default SDPA attention, head over every position) and one
+    `megatron[-BACKEND]` runner per core-attention backend (head over masked positions only,
+    the training path); with full_head also `megatron-fullhead` (head everywhere, like HF)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from factory.train.models import build_model
+
+    dev = device()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g).to(dev)
+    attn = torch.ones_like(ids)
+    loss_mask = (torch.rand(ids.shape, generator=g) < 0.15).float().to(dev)
+    types = torch.zeros_like(ids)
+    hf_labels = torch.where(loss_mask.bool(), ids, torch.full_like(ids, -100))
+
+    hf = BertForMaskedLM(BertConfig(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.ffn_hidden_size,
+        max_position_embeddings=cfg.max_position_embeddings)).to(dev).train()
+    runners = {"hf": stepper(hf, lambda m: m(input_ids=ids, attention_mask=attn,
+                                              token_type_ids=types, labels=hf_labels).loss,
+                             precision)}
+
+    def masked(m):
+        per_token = m(ids, attn, tokentype_ids=types, lm_labels=ids, loss_mask=loss_mask)
+        return (per_token * loss_mask).sum() / loss_mask.sum()
+
+    def full(m):
+        per_token = m(ids, attn, tokentype_ids=types, lm_labels=ids)
+        return (per_token * loss_mask).sum() / loss_mask.sum()
+
+    variants = [(f"megatron{'' if b == backends[0] else '-' + b}", b, masked) for b in backends]
+    if full_head:
+        variants.append(("megatron-fullhead", backends[0], full))
+    for name, backend, fn in variants:
+        with _attention(backend):
+            runners[name] = stepper(build_model(cfg).to(dev).train(), fn, precision)
+    return runners
+
+
+def gpt_runner(cfg: ModelConfig, batch: int, seq: int, precision: str = "bf16",
+               seed: int = 0) -> Runner:
+    """One step of the factory's Llama-style GPTModel on random tokens."""
+    from factory.train.models import build_model
+
+    dev = device()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g).to(dev)
+    tokens, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    pos = torch.arange(seq, device=dev).expand(batch, seq)
+    model = build_model(cfg).to(dev).train()
+    return stepper(model, lambda m: m(tokens, pos, None, labels=labels).float().mean(),
+                   precision)
+
+
+def time_interleaved(runners: dict[str, Runner], steps: int, warmup: int = 3
+                     ) -> dict[str, float]:
+    """Median seconds per step of each runner, the runners taking turns."""
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for i in range(warmup + steps):
+        for name, step in runners.items():
+            _sync()
+            t0 = time.perf_counter()
+            step()
+            _sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def _attention(backend: str):
+    old = os.environ.get("FACTORY_ATTENTION")
+    os.environ["FACTORY_ATTENTION"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FACTORY_ATTENTION")
+        else:
+            os.environ["FACTORY_ATTENTION"] = old

@@ -1,0 +1,83 @@
+"""Jobs for test_distributed.py, run on every rank under
+`python -m torch.distributed.run --standalone --nproc-per-node 2 -m tests.train.dist_worker JOBS`.
+
+JOBS is a JSON file: {"vocab": ..., "pack": ..., "jobs": [{"kind": "train", "out": ...,
+"overrides": [...]}, {"kind": "logits", "pretrain": ..., "tensor": 2, "out": ...},
+{"kind": "import", "hf": ..., "tensor": 2, "out": ...}]}.
+Jobs run in order in one process group; each sets its own parallel layout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def train(spec: dict, inputs: dict[str, Path]) -> None:
+    from factory.stage import MemoryLog, StageContext
+    from tests.train.conftest import pretrain_stage
+
+    stage = pretrain_stage(spec.get("family", "bert"), *spec["overrides"])
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    stage.run(StageContext(out=out, inputs=inputs, log=MemoryLog()))
+
+
+def logits(spec: dict) -> None:
+    """Load a pretrain/ folder's newest checkpoint at TP=spec["tensor"] (dist_checkpointing
+    reshards) and save the gathered MLM logits of a fixed batch from rank 0."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from factory.train import parallel
+    from factory.train.export import load_checkpoint_model
+    from tests.train.test_distributed import probe_batch
+
+    parallel.init(parallel.Layout(tensor_parallel=spec["tensor"]))
+    model = load_checkpoint_model(Path(spec["pretrain"])).eval()
+    ids, mask = probe_batch()
+    with torch.no_grad():
+        out = gather_from_tensor_model_parallel_region(model(ids, mask))
+    if dist.get_rank() == 0:
+        torch.save(out, spec["out"])
+
+
+def import_logits(spec: dict) -> None:
+    """Import a HF folder straight into a TP=spec["tensor"] model; save the gathered logits of
+    the probe batch from rank 0."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from factory.train import parallel
+    from factory.train.convert import load_hf_into_megatron
+    from factory.train.models import build_model, config_from_hf
+    from tests.train.test_distributed import probe_batch
+
+    parallel.init(parallel.Layout(tensor_parallel=spec["tensor"]))
+    cfg = config_from_hf(Path(spec["hf"]))
+    model = build_model(cfg).eval()
+    load_hf_into_megatron(model, Path(spec["hf"]), cfg)
+    ids, mask = probe_batch(cfg.vocab_size)
+    with torch.no_grad():
+        if cfg.family == "bert":
+            out = model(ids, mask)
+        else:
+            out = model(ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+        out = gather_from_tensor_model_parallel_region(out)
+    if dist.get_rank() == 0:
+        torch.save(out, spec["out"])
+
+
+if __name__ == "__main__":
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    inputs = {"vocab": Path(plan["vocab"]), "pack": Path(plan["pack"])}
+    for job in plan["jobs"]:
+        if job["kind"] == "train":
+            train(job, inputs)
+        elif job["kind"] == "import":
+            import_logits(job)
+        else:
+            logits(job)
