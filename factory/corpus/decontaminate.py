@@ -60,17 +60,58 @@ def ner_test(folder: Path) -> Iterator[str]:
     return iob_sentences(Path(folder) / "test.tsv")
 
 
-# format name -> reader of test strings; "ner" takes a task's data folder.
+def example_texts(example) -> Iterator[str]:
+    """The strings of a benchmark example of any loader (factory.bench): tagged sentences,
+    texts and pairs, multiple-choice contexts and endings, cloze code."""
+    if hasattr(example, "tokens") and hasattr(example, "tags"):      # an IobSplit
+        yield from (" ".join(t) for t in example.tokens)
+        return
+    for value in vars(example).values():
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from (v for v in value if isinstance(v, str))
+
+
+def suite_test(ref: Path) -> Iterator[str]:
+    """The test split of a benchmark-suite task; `ref` is `<task folder>/@<suite>/<task>`,
+    read with the suite's own loader (factory.bench.suites), whatever its file format."""
+    from factory.bench.suites import SUITES
+
+    folder, suite, task = ref.parent.parent, ref.parent.name.lstrip("@"), ref.name
+    test = SUITES[suite].tasks[task].load(folder).test
+    items = [test] if hasattr(test, "tokens") else test
+    for example in items:
+        yield from example_texts(example)
+
+
+# format name -> reader of test strings; "ner" takes a task's data folder, "suite" a reference
+# made by suite_ref.
 TEST_TEXTS: dict[str, Callable[[Path], Iterable[str]]] = {
     "text": text_lines,
     "iob": iob_sentences,
     "ner": ner_test,
+    "suite": suite_test,
 }
 
 
-def test_file_of(kind: str, path: Path) -> Path:
-    """The file a test-text reference reads (for existence checks and fingerprints)."""
+def suite_ref(folder: Path, suite: str, task: str) -> str:
+    return str(Path(folder) / f"@{suite}" / task)
+
+
+def test_location(kind: str, path: Path) -> Path:
+    """The file (or, for a suite task, the folder) a test-text reference reads."""
+    if kind == "suite":
+        return Path(path).parent.parent
     return Path(path) / "test.tsv" if kind == "ner" else Path(path)
+
+
+def test_files(kind: str, path: Path) -> list[Path]:
+    """The files a test-text reference reads (existence checks, fingerprints); [] if absent."""
+    where = test_location(kind, path)
+    if where.is_dir():
+        return sorted(f for f in where.rglob("*") if f.is_file())
+    return [where] if where.is_file() else []
 
 
 class NgramIndex:

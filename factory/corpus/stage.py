@@ -61,6 +61,27 @@ class BenchmarkText(StageConfig):
     path: str
 
 
+def _suite_tests(loaded: "Loaded") -> list[BenchmarkText]:
+    """The test splits of the manifest's benchmark suites whose task folders exist."""
+    from factory.bench.data import find_task_folder
+    from factory.bench.suites import SUITES
+    from factory.corpus.decontaminate import suite_ref
+
+    out = []
+    for run in loaded.manifest.evaluation.suites:
+        suite = SUITES[run.suite]
+        data = loaded.resolve(run.data) if run.data else suite.data_dir
+        wanted = {t.lower() for t in run.tasks} if run.tasks else None
+        for name, spec in suite.tasks.items():
+            if wanted is not None and name.lower() not in wanted:
+                continue
+            folder = find_task_folder(data, spec.prefixes)
+            if folder is not None:
+                out.append(BenchmarkText(task=f"{run.suite}:{name}", kind="suite",
+                                         path=suite_ref(folder, run.suite, name)))
+    return out
+
+
 class DecontaminateConfig(StageConfig):
     tests: list[BenchmarkText]
     ngram: int = 13
@@ -161,6 +182,8 @@ class CorpusStage(Stage):
                      for t in tasks if t.kind in TEST_TEXTS]
             tests += [BenchmarkText(task=Path(f).stem, kind="text", path=str(loaded.resolve(f)))
                       for f in d.files]
+            if d.tasks:
+                tests += _suite_tests(loaded)
             if tests:
                 decon = DecontaminateConfig(tests=tests, ngram=d.ngram, min_words=d.min_words,
                                             unread_tasks=unread)
@@ -207,15 +230,15 @@ class CorpusStage(Stage):
                         f"({e.__class__.__name__}: {str(e)[:120]}); when offline, download it "
                         "and give hf_dataset.id as a local folder, or give a JSON Lines `path`")
         if self.config.decontaminate is not None:
-            from factory.corpus.decontaminate import TEST_TEXTS, test_file_of
+            from factory.corpus.decontaminate import TEST_TEXTS, test_files, test_location
 
             for t in self.config.decontaminate.tests:
                 if t.kind not in TEST_TEXTS:
                     problems.append(f"decontamination of {t.task!r}: no reader for test texts "
                                     f"of kind {t.kind!r} (known: {', '.join(TEST_TEXTS)})")
-                elif not test_file_of(t.kind, Path(t.path)).is_file():
+                elif not test_files(t.kind, Path(t.path)):
                     problems.append(f"decontamination of {t.task!r}: "
-                                    f"{test_file_of(t.kind, Path(t.path))} does not exist; fix "
+                                    f"{test_location(t.kind, Path(t.path))} does not exist; fix "
                                     "the task's data folder or corpus.decontaminate.files")
         return problems
 
@@ -235,11 +258,11 @@ class CorpusStage(Stage):
                 except Exception:  # noqa: BLE001 - check() reports it
                     fp[key] = "hub:unreachable"
         if self.config.decontaminate is not None:
-            from factory.corpus.decontaminate import test_file_of
+            from factory.corpus.decontaminate import test_files
 
             for t in self.config.decontaminate.tests:
-                f = test_file_of(t.kind, Path(t.path))
-                fp[f"test:{t.task}"] = file_digest([f]) if f.is_file() else "missing"
+                files = test_files(t.kind, Path(t.path))
+                fp[f"test:{t.task}"] = file_digest(files) if files else "missing"
         return fp
 
     # --- the pipeline ---------------------------------------------------------------------

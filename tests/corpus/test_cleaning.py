@@ -179,3 +179,27 @@ def test_slurm_executor_gets_the_manifest_settings(tmp_path):
     ex = _slurm([NormalizeText()], 16, tmp_path / "logs", opts, "clean")
     assert (ex.tasks, ex.partition, ex.time, ex.cpus_per_task) == (16, "cpu", "02:00:00", 4)
     assert ex._sbatch_args["account"] == "lm" and ex.job_name == "factory-clean"
+
+
+def test_benchmark_suite_test_splits_are_decontaminated():
+    """A suite task of the manifest (CaseHOLD, in legal's smoke scale) is read with the
+    suite's own loader; a corpus document quoting one of its test questions matches."""
+    import json
+
+    from factory.bench.suites import SUITES
+    from factory.manifest import load
+
+    loaded = load(REPO / "domains" / "legal.yaml", scale="smoke")
+    stage = CorpusStage.from_manifest(loaded)
+    refs = [t for t in stage.config.decontaminate.tests if t.kind == "suite"]
+    assert [t.task for t in refs] == ["lexglue:CaseHOLD"]
+    assert stage.check() == []
+    index = build_index([(t.task, t.kind, t.path) for t in refs], ngram=13, min_words=8)
+    folder = REPO / "domains" / "legal" / "benchmarks"
+    first = SUITES["lexglue"].tasks["CaseHOLD"].load(next(folder.iterdir())).test[0]
+    quoted = "As the court held, " + first.context + " We disagree."
+    assert index.match(quoted) == 0
+    unrelated = json.dumps({"text": "Permission is hereby granted, free of charge, to any "
+                                    "person obtaining a copy of this software and associated "
+                                    "documentation files"})
+    assert index.match(unrelated) is None
