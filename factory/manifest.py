@@ -44,6 +44,11 @@ class BaseCheckpoint(_Strict):
     path: str = Field(description="Local HF folder, HF hub id, or package:MODULE/SUBDIR")
 
 
+SCRATCH_DROPOUT = 0.1     # BERT's and GPT-2's
+DROPOUT_DEFAULT = (f"unset: {SCRATCH_DROPOUT} from scratch; continued runs keep the base "
+                   "checkpoint's own (0.1 for BERT, 0 for Llama)")
+
+
 class ModelSpec(_Strict):
     size: str | None = Field(None, description="A preset of factory/train/sizes.py")
     num_layers: int | None = Field(None, gt=0)
@@ -51,8 +56,8 @@ class ModelSpec(_Strict):
     num_attention_heads: int | None = Field(None, gt=0)
     ffn_hidden_size: int | None = Field(None, gt=0)
     num_query_groups: int | None = Field(None, gt=0, description="GQA groups (gpt only)")
-    hidden_dropout: float = Field(0.1, ge=0, lt=1)
-    attention_dropout: float = Field(0.1, ge=0, lt=1)
+    hidden_dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_DEFAULT)
+    attention_dropout: float | None = Field(None, ge=0, lt=1, description=DROPOUT_DEFAULT)
 
 
 class VocabExtension(_Strict):

@@ -68,6 +68,8 @@ class SDPAttention(DotProductAttention):
 
 def _te_attention():
     try:
+        # megatron's TE extension module imports without TE too, handing out mocks.
+        import transformer_engine  # noqa: F401
         from megatron.core.extensions.transformer_engine import TEDotProductAttention
     except ImportError:
         return None

@@ -25,7 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.bert.bert_layer_specs import LNImpl, bert_layer_local_spec
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
-from megatron.core.tensor_parallel import get_cuda_rng_tracker
+from megatron.core.tensor_parallel import ColumnParallelLinear, get_cuda_rng_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -68,6 +68,30 @@ class PostLNTransformerLayer(TransformerLayer):
         return output, context
 
 
+class ComputeDtypeBiasLinear(ColumnParallelLinear):
+    """ColumnParallelLinear that, under autocast, adds its bias in the matmul's output dtype.
+
+    megatron adds the bias inside its linear autograd function (`output + bias`); under bf16
+    autocast that is a bf16 product plus an fp32 parameter, which type promotion turns into an
+    fp32 [s, b, 3h] (QKV) or [s, b, 4h] (fc1) tensor that the next op casts back: extra memory
+    passes that made BERT-base steps slower than HF's on an H200 (BENCHMARKS.md). HF's
+    nn.Linear (addmm) stays in bf16, and so does this. Without autocast (fp32, every CPU run)
+    it is megatron's forward unchanged; parameter names and sharding are megatron's.
+    """
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        if self.bias is None or not torch.is_autocast_enabled(input_.device.type):
+            return super().forward(input_, weight, runtime_gather_output)
+        skip = self.skip_bias_add
+        self.skip_bias_add = True
+        try:
+            out, bias = super().forward(input_, weight, runtime_gather_output)
+        finally:
+            self.skip_bias_add = skip
+        bias = bias.to(out.dtype)
+        return (out, bias) if skip else (out + bias, None)
+
+
 def post_ln_layer_spec() -> ModuleSpec:
     """bert_layer_local_spec's submodules in a PostLNTransformerLayer.
 
@@ -79,6 +103,8 @@ def post_ln_layer_spec() -> ModuleSpec:
     from factory.train.attention import with_core_attention
 
     sub = with_core_attention(bert_layer_local_spec).submodules
+    sub.self_attention.submodules.linear_qkv = ComputeDtypeBiasLinear
+    sub.mlp.submodules.linear_fc1 = ComputeDtypeBiasLinear
     return ModuleSpec(module=PostLNTransformerLayer, submodules=TransformerLayerSubmodules(
         input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
         self_attn_bda=sub.self_attn_bda, pre_mlp_layernorm=sub.pre_mlp_layernorm,
@@ -185,9 +211,11 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
         normalization="LayerNorm", gated_linear_unit=False,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        # Off on GPU too: megatron's fused bias-GELU is the tanh approximation, not HF's erf
-        # GELU; the other fusions need apex/TE. The unfused paths are what HF computes.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # Bias-GELU stays unfused on GPU too: megatron's fused one is the tanh approximation,
+        # not HF's erf GELU. Bias-dropout-add is the same math fused (torch.compile, GPU only);
+        # the softmax, norm and gradient fusions need apex/TE.
+        bias_activation_fusion=False, bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         use_cpu_initialization=on_cpu, params_dtype=torch.float32)
 

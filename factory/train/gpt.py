@@ -30,8 +30,10 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
         add_bias_linear=False, add_qkv_bias=False,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        # Fusions need apex/TE/CUDA; in fp32 the unfused paths are what HF computes.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # On GPU megatron's torch.compile'd SwiGLU and bias-dropout-add (same math, fewer
+        # memory passes); the softmax, norm and gradient fusions need apex/TE.
+        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
         use_cpu_initialization=on_cpu, params_dtype=torch.float32)
 

@@ -124,13 +124,19 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A fresh fp32 megatron-core model; `factory.train.parallel.init()` must have run."""
+    import torch
+
     if cfg.family == "bert":
         from factory.train.bert import build_bert
 
-        return build_bert(cfg)
-    from factory.train.gpt import build_gpt
+        model = build_bert(cfg)
+    else:
+        from factory.train.gpt import build_gpt
 
-    return build_gpt(cfg)
+        model = build_gpt(cfg)
+    # megatron puts its own layers on the GPU; modules of ours (BERT's token-type
+    # embeddings, for one) are created on the CPU and follow here.
+    return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from factory.corpus.blend import BlendSpec
-from factory.manifest import Parallel, Training
+from factory.manifest import SCRATCH_DROPOUT, Parallel, Training
 from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
@@ -46,8 +46,8 @@ class PretrainConfig(StageConfig):
     strategy: Literal["scratch", "continued"]
     model_dims: dict[str, int] | None = Field(
         None, description="num_layers, hidden_size, ... (scratch); None when continued")
-    hidden_dropout: float
-    attention_dropout: float
+    hidden_dropout: float | None = Field(description="None: the base checkpoint's (continued)")
+    attention_dropout: float | None = Field(description="None: the base checkpoint's (continued)")
     base: str | None = Field(None, description="Resolved base HF folder (continued)")
     training: Training
     steps: int = Field(gt=0, description="training.total_steps")
@@ -73,7 +73,8 @@ class PretrainStage(Stage):
         return cls(PretrainConfig(
             family=m.family, strategy=m.strategy,
             model_dims=m.model_dims if m.strategy == "scratch" else None,
-            hidden_dropout=m.model.hidden_dropout, attention_dropout=m.model.attention_dropout,
+            hidden_dropout=_dropout(m.model.hidden_dropout, m.strategy),
+            attention_dropout=_dropout(m.model.attention_dropout, m.strategy),
             base=base, training=m.training, steps=m.training.total_steps,
             warmup_steps=m.training.warmup_steps,
             mask_prob=m.mask_prob if m.family == "bert" else None, parallel=m.parallel,
@@ -366,6 +367,14 @@ class PretrainStage(Stage):
             weight_decay=t.optimizer.weight_decay, clip_grad=t.clip_grad,
             checkpoint_interval=t.checkpoint_interval, precision=precision,
             flops_per_token=flops)
+
+
+def _dropout(value: float | None, strategy: str) -> float | None:
+    """The manifest's dropout, else SCRATCH_DROPOUT from scratch and None (the base
+    checkpoint's own) when continued."""
+    if value is not None or strategy == "continued":
+        return value
+    return SCRATCH_DROPOUT
 
 
 def _phase_at(train_data, index: int) -> str | None:

@@ -46,12 +46,16 @@ def stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.T
     return step
 
 
+Alter = Callable[[torch.nn.Module], None]
+
+
 def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32",
                  backends: tuple[str, ...] = ("local",), full_head: bool = False,
-                 seed: int = 0) -> dict[str, Runner]:
+                 seed: int = 0, extra: dict[str, Alter] | None = None) -> dict[str, Runner]:
     """`hf` (BertForMaskedLM, its default SDPA attention, head over every position) and one
     `megatron[-BACKEND]` runner per core-attention backend (head over masked positions only,
-    the training path); with full_head also `megatron-fullhead` (head everywhere, like HF)."""
+    the training path); with full_head also `megatron-fullhead` (head everywhere, like HF);
+    per `extra` entry NAME: fn, `megatron-NAME`, a model that fn altered (A/B checks)."""
     from transformers import BertConfig, BertForMaskedLM
 
     from factory.train.models import build_model
@@ -87,6 +91,11 @@ def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"
     for name, backend, fn in variants:
         with _attention(backend):
             runners[name] = stepper(build_model(cfg).to(dev).train(), fn, precision)
+    for name, alter in (extra or {}).items():
+        with _attention(backends[0]):
+            model = build_model(cfg).to(dev).train()
+        alter(model)
+        runners[f"megatron-{name}"] = stepper(model, masked, precision)
     return runners
 
 

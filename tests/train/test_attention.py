@@ -95,14 +95,20 @@ def test_bf16_autocast_forward_is_close_to_fp32_and_keeps_fp32_weights(megatron)
     model = build_model(BERT).eval()
     ids, mask = _batch()
     keep = mask.bool()
-    seen = []
-    model.encoder.layers[0].mlp.linear_fc1.register_forward_hook(
-        lambda mod, args, out: seen.append(out[0].dtype))
+    seen, qkv = [], []
+    layer = model.encoder.layers[0]
+    layer.mlp.linear_fc1.register_forward_hook(
+        lambda mod, args, out: seen.append((out[0].dtype, out[1].dtype)))
+    layer.self_attention.linear_qkv.register_forward_hook(
+        lambda mod, args, out: qkv.append(out[0].dtype))
     with torch.no_grad():
         fp32 = model(ids, mask, lm_labels=ids)[keep].mean()
         with autocast("bf16", torch.device("cpu")):
             bf16 = model(ids, mask, lm_labels=ids)[keep].mean()
-    assert seen == [torch.float32, torch.bfloat16]   # the matmuls ran in bf16
+    # The matmuls ran in bf16, and the biases joined them in bf16: megatron's own linear
+    # would have promoted QKV + bias (and fc1's bias add) to fp32 (ComputeDtypeBiasLinear).
+    assert seen == [(torch.float32,) * 2, (torch.bfloat16,) * 2]
+    assert qkv == [torch.float32, torch.bfloat16]
     assert bf16.item() != fp32.item()
     assert bf16.item() == pytest.approx(fp32.item(), rel=2e-2)
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -121,3 +121,33 @@ def test_bf16_on_cpu_is_refused_before_any_work(tmp_path):
         stage.run(StageContext(out=tmp_path, inputs={"vocab": tmp_path, "pack": tmp_path},
                                log=MemoryLog()))
     assert not any(tmp_path.iterdir())
+
+
+def test_dropout_unset_is_0_1_from_scratch_and_the_base_checkpoints_own_when_continued(tmp_path):
+    import json
+
+    from factory import manifest
+    from factory.train.stage import PretrainStage
+
+    scratch = pretrain_stage("bert").config
+    assert (scratch.hidden_dropout, scratch.attention_dropout) == (0.1, 0.1)
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({
+        "model_type": "bert", "hidden_size": 64, "num_attention_heads": 2,
+        "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100,
+        "hidden_dropout_prob": 0.05, "attention_probs_dropout_prob": 0.0}))
+    (tmp_path / "m.yaml").write_text(
+        (REPO / "domains" / "biomedical.yaml").read_text()
+        .replace("strategy: scratch", "strategy: continued", 1))
+    loaded = manifest.load(tmp_path / "m.yaml", scale="smoke", overrides=[
+        f"base.path={base}", "tokenizer=null", "model.size=null"])
+    stage = PretrainStage.from_manifest(loaded)
+    assert (stage.config.hidden_dropout, stage.config.attention_dropout) == (None, None)
+    cfg = stage._model_config(100)
+    assert (cfg.hidden_dropout, cfg.attention_dropout) == (0.05, 0.0)     # the base's own
+
+    loaded = manifest.load(tmp_path / "m.yaml", scale="smoke", overrides=[
+        f"base.path={base}", "tokenizer=null", "model.size=null", "model.hidden_dropout=0.2"])
+    assert PretrainStage.from_manifest(loaded)._model_config(100).hidden_dropout == 0.2

@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.sh keeps working: its dry run (CPU, toy sizes) goes through every
+section the GPU run measures, so the script a GPU lease depends on cannot rot unseen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_dry_run_measures_every_section(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable,
+           "GPU_CHECK_SECTIONS": "check,gpt_1b,bert_base"}
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["check"]["bert"]["ok"] and out["check"]["gpt"]["ok"]
+    assert out["check"]["gpt"]["max_abs_logit_diff_fp32"] < 1e-4
+    run = out["gpt_1b"]["runs"]["2"]
+    assert run["tokens_per_s"] > 0
+    assert run["losses"][-1] < run["losses"][0]     # the loop's step trains
+    shape = out["bert_base"]["4x32"]
+    assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-fp32bias"}
+    assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
+    assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
+    assert "== megatron 4x32" in (tmp_path / "bert_profile.txt").read_text()
