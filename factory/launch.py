@@ -90,7 +90,7 @@ def check_layout(loaded: "Loaded", nodes: int, gpus_per_node: int) -> Fit:
     dims = _model_dims(loaded)
     m = loaded.manifest
     problems = layout_problems(Layout(tp, pp), m.family, dims["num_attention_heads"],
-                               dims.get("num_query_groups"))
+                               dims.get("num_query_groups"), dims.get("num_layers"))
     t = m.training
     per_step = fit.data_parallel * t.micro_batch_size
     if t.global_batch_size % per_step:
@@ -106,7 +106,8 @@ def check_layout(loaded: "Loaded", nodes: int, gpus_per_node: int) -> Fit:
 
 
 def _model_dims(loaded: "Loaded") -> dict[str, int]:
-    """Head and query-group counts: the manifest's (scratch) or the base's (continued)."""
+    """Head, query-group and layer counts: the manifest's (scratch) or the base's
+    (continued)."""
     m = loaded.manifest
     if m.strategy == "scratch":
         return m.model_dims
@@ -114,7 +115,7 @@ def _model_dims(loaded: "Loaded") -> dict[str, int]:
 
     cfg = config_from_hf(_base_folder(m.base.path, loaded.root))
     return {"num_attention_heads": cfg.num_attention_heads,
-            "num_query_groups": cfg.num_query_groups}
+            "num_query_groups": cfg.num_query_groups, "num_layers": cfg.num_layers}
 
 
 def _base_folder(spec: str, root: Path) -> Path:

@@ -32,8 +32,27 @@ def apply() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     # Not torch.manual_seed inside the lambda: it calls torch.cuda.manual_seed and recurses.
     torch.cuda.manual_seed = lambda s: torch.default_generator.manual_seed(int(s))
+    # Tied embeddings across pipeline stages: megatron moves the last stage's copy with
+    # `weight.data.cuda()` before all-reducing it (language_module.py).
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    # The pipeline schedules allocate their token counter with device="cuda" (0.16.1,
+    # schedules.py); everything else there goes through torch.cuda.current_device().
+    import megatron.core.pipeline_parallel.schedules as schedules
+
+    schedules.torch = _TorchOnCpu()
     # The tracker's "CUDA" state is now the CPU generator, so every dropout fork trips
     # megatron's "CPU RNG state changed" warning by design: noise, twice a step.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
     _applied = True
     return True
+
+
+class _TorchOnCpu:
+    """`torch` for megatron's schedules module, with device="cuda" read as the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)

@@ -35,7 +35,10 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
         bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        use_cpu_initialization=on_cpu, params_dtype=torch.float32)
+        use_cpu_initialization=on_cpu, params_dtype=torch.float32,
+        # Activations cross pipeline stages in fp32: the weights are fp32 (autocast computes
+        # the matmuls in bf16) and the residual stream stays fp32.
+        pipeline_dtype=torch.float32)
 
 
 class LlamaGPTModel(GPTModel):
@@ -69,4 +72,6 @@ def build_gpt(cfg: ModelConfig) -> LlamaGPTModel:
         vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
         # HF's rotate_half RoPE is megatron's non-interleaved one (rotary_interleaved=False).
         position_embedding_type="rope", rotary_base=cfg.rotary_base, rotary_percent=1.0,
-        share_embeddings_and_output_weights=cfg.tie_embeddings, parallel_output=True)
+        share_embeddings_and_output_weights=cfg.tie_embeddings, parallel_output=True,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage())

@@ -125,13 +125,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
         group["lr"] = lr
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = torch.zeros((), device=device)
-    for batch in micro:
-        with autocast(cfg.precision, device):
-            per_token = forward_loss(model, cfg.family, batch)
-        summed = (per_token.float() * batch["loss_mask"]).sum()
-        (summed / n_tokens).backward()
-        loss_sum += summed.detach()
+    if _pipeline_size() > 1:
+        loss_sum = _pipeline_forward_backward(model, micro, cfg, n_tokens, device)
+    else:
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro:
+            with autocast(cfg.precision, device):
+                per_token = forward_loss(model, cfg.family, batch)
+            summed = (per_token.float() * batch["loss_mask"]).sum()
+            (summed / n_tokens).backward()
+            loss_sum += summed.detach()
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if dp_group is not None:
         all_reduce_grads(params, dp_group)
@@ -140,6 +143,67 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
     grad_norm = clip_grad_norm(params, cfg.clip_grad)
     optimizer.step()
     return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": grad_norm}
+
+
+def _pipeline_size() -> int:
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
+                               cfg: LoopConfig, n_tokens: torch.Tensor, device: torch.device
+                               ) -> torch.Tensor:
+    """Forward and backward of every micro-batch through megatron's 1F1B pipeline schedule;
+    the step's summed loss on every pipeline rank (only the last stage computes it).
+
+    Every rank holds the same micro-batches: the first stage reads the tokens, the last the
+    labels and loss mask, the stages between receive activations from the previous one.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def forward_step(batches, stage_model):
+        batch = next(batches)
+        with autocast(cfg.precision, device):
+            out = forward_loss(stage_model, cfg.family, batch)  # hidden states before the last
+
+        def loss(per_token):
+            summed = (per_token.float() * batch["loss_mask"]).sum()
+            # The schedule divides by the micro-batch count; the loss is the global mean.
+            return summed * len(micro) / n_tokens, {"loss_sum": summed.detach()}
+
+        return out, loss
+
+    stored = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+        num_microbatches=len(micro), seq_length=cfg.seq_length,
+        micro_batch_size=cfg.micro_batch_size, forward_only=False)
+    loss_sum = torch.stack([s["loss_sum"] for s in stored]).sum() if stored else \
+        torch.zeros((), device=device)
+    dist.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
+    _sync_shared_embeddings(model)
+    return loss_sum
+
+
+def _sync_shared_embeddings(model: torch.nn.Module) -> None:
+    """Tied embeddings across pipeline stages: the first stage's input embedding and the last
+    stage's output layer are one weight held twice; sum their gradients (megatron's
+    `_allreduce_word_embedding_grads`, without its DDP buffers)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    shared = [p for p in model.parameters() if getattr(p, "shared_embedding", False)]
+    if not shared or not parallel_state.is_rank_in_embedding_group():
+        return
+    group = parallel_state.get_embedding_group()
+    for p in shared:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, group=group)
 
 
 def autocast(precision: str, device: torch.device):
@@ -196,7 +260,8 @@ def _counts_here(p: torch.nn.Parameter) -> bool:
 
     if not parallel_state.model_parallel_is_initialized():
         return True
-    return param_is_not_tensor_parallel_duplicate(p)
+    # The last pipeline stage's copy of a tied embedding (`shared`) is counted on the first.
+    return param_is_not_tensor_parallel_duplicate(p) and not getattr(p, "shared", False)
 
 
 def _model_parallel_group():

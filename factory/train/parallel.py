@@ -30,7 +30,8 @@ class Layout:
 
 
 def layout_problems(layout: Layout, family: str, num_attention_heads: int,
-                    num_query_groups: int | None = None) -> list[str]:
+                    num_query_groups: int | None = None, num_layers: int | None = None
+                    ) -> list[str]:
     """What is wrong with `layout` for a model, as manifest-field lines (empty when fine).
 
     Checked before any weight is loaded: megatron would otherwise fail deep inside a layer
@@ -45,9 +46,12 @@ def layout_problems(layout: Layout, family: str, num_attention_heads: int,
     if groups % tp:
         problems.append(f"parallel.tensor {tp} must divide the {groups} query groups "
                         "(model.num_query_groups)")
-    if pp > 1:
-        problems.append(f"parallel.pipeline {pp}: not supported yet (the loop has no "
-                        "pipeline schedule); use tensor and data parallel")
+    if pp > 1 and family != "gpt":
+        problems.append(f"parallel.pipeline {pp}: pipeline parallel is built for GPT only; "
+                        "use tensor and data parallel for BERT")
+    elif pp > 1 and num_layers is not None and num_layers % pp:
+        problems.append(f"parallel.pipeline {pp} must divide the {num_layers} layers "
+                        "(model.num_layers)")
     return problems
 
 

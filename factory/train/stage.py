@@ -92,7 +92,8 @@ class PretrainStage(Stage):
                             f"run ({c.steps} steps); shorten the warmup")
         if c.strategy == "scratch" and c.model_dims:
             problems += self._layout_problems(c.model_dims.get("num_attention_heads", 1),
-                                              c.model_dims.get("num_query_groups"))
+                                              c.model_dims.get("num_query_groups"),
+                                              c.model_dims.get("num_layers"))
         if c.strategy == "continued":
             base = Path(c.base or "")
             if not (base / "config.json").is_file():
@@ -118,12 +119,14 @@ class PretrainStage(Stage):
         if cfg.family == "bert" and self.config.training.seq_length > cfg.max_position_embeddings:
             return [f"training.seq_length {self.config.training.seq_length} exceeds the base's "
                     f"max_position_embeddings {cfg.max_position_embeddings}; lower it"]
-        return self._layout_problems(cfg.num_attention_heads, cfg.num_query_groups)
+        return self._layout_problems(cfg.num_attention_heads, cfg.num_query_groups,
+                                     cfg.num_layers)
 
-    def _layout_problems(self, heads: int, groups: int | None) -> list[str]:
+    def _layout_problems(self, heads: int, groups: int | None, layers: int | None
+                         ) -> list[str]:
         from factory.train.parallel import layout_problems
 
-        return layout_problems(self._layout(), self.config.family, heads, groups)
+        return layout_problems(self._layout(), self.config.family, heads, groups, layers)
 
     def _layout(self):
         from factory.train.parallel import Layout
@@ -167,7 +170,8 @@ class PretrainStage(Stage):
         self._check_pack(pack_dir, tokenizer.vocab_size)
         base = self._base_folder(ctx, writer)
         model_cfg = self._model_config(tokenizer.vocab_size, base)
-        problems = self._layout_problems(model_cfg.num_attention_heads, model_cfg.num_query_groups)
+        problems = self._layout_problems(model_cfg.num_attention_heads,
+                                         model_cfg.num_query_groups, model_cfg.num_layers)
         if problems:
             raise UserError("; ".join(problems))
         if writer:

@@ -157,3 +157,61 @@ def _rows(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")] \
         if path.exists() else []
+
+
+def _tiny_llama_base(folder: Path, vocab: int):
+    """A 2-layer HF Llama (GQA, tied embeddings) with `vocab` rows, saved to `folder`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(11)
+    LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=vocab, max_position_embeddings=64, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, initializer_range=0.05)).save_pretrained(folder)
+
+
+@pytest.mark.slow  # one 2-process launch: about 40 s on 2 cores
+def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
+    """PP=2 (megatron's 1F1B schedule over gloo) trains a continued GPT with tied embeddings
+    (the first stage's embedding and the last stage's output layer kept equal) exactly like one
+    process, and its checkpoint reads back whole at PP=1."""
+    import torch
+
+    from factory.stage import MemoryLog, StageContext
+    from factory.train import data, parallel
+    from factory.train.export import load_checkpoint_model
+
+    vocab = data.load_tokenizer(gpt_inputs["vocab"] / "tokenizer").vocab_size
+    _tiny_llama_base(tmp_path / "llama", vocab)
+    overrides = [*COMMON, "strategy=continued", f"base.path={tmp_path / 'llama'}",
+                 "model.size=null", "tokenizer=null"]
+    single = tmp_path / "single"
+    single.mkdir()
+    pretrain_stage("gpt", *overrides).run(StageContext(out=single, inputs=gpt_inputs,
+                                                      log=MemoryLog()))
+    plan = {"vocab": str(gpt_inputs["vocab"]), "pack": str(gpt_inputs["pack"]), "jobs": [
+        {"kind": "train", "family": "gpt", "out": str(tmp_path / "pp2"),
+         "overrides": [*overrides, "parallel.pipeline=2"]}]}
+    done = subprocess.run(_torchrun(plan, tmp_path / "plan.json"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    reference, pp2 = _losses(single), _losses(tmp_path / "pp2")
+    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
+    assert pp2 == pytest.approx(reference, abs=1e-5)
+    norms = [[r["grad_norm"] for r in _rows(tmp_path / name)] for name in ("single", "pp2")]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    extra = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints" / "iter_0000012" /
+                                    "extra").iterdir())
+    assert extra == ["rank00000.pt", "rank00001.pt"]
+
+    # Both stages' shards read back into one PP=1 model give the one-process model's logits.
+    parallel.init()
+    ids = probe_batch(vocab)[0]
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    with torch.no_grad():
+        ours, theirs = (load_checkpoint_model(tmp_path / name).eval()(ids, pos, None)
+                        for name in ("single", "pp2"))
+    assert ours.abs().max() > 1.0
+    assert (ours - theirs).abs().max().item() < 1e-4

@@ -35,11 +35,18 @@ def test_parallel_fields_are_validated():
 
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.tensor=4",), "parallel.tensor 4 must divide the 2 attention heads"),
-    (("parallel.pipeline=2",), "parallel.pipeline 2: not supported yet"),
+    (("parallel.pipeline=2",), "parallel.pipeline 2: pipeline parallel is built for GPT only"),
 ])
 def test_bad_layout_is_reported_by_check(overrides, message):
     problems = pretrain_stage("bert", *overrides).check()
     assert any(message in p for p in problems), problems
+
+
+def test_pipeline_parallel_must_divide_the_gpt_layers():
+    # smoke GPT: 2 layers.
+    assert pretrain_stage("gpt", "parallel.pipeline=2").check() == []
+    problems = pretrain_stage("gpt", "parallel.pipeline=4").check()
+    assert any("parallel.pipeline 4 must divide the 2 layers" in p for p in problems), problems
 
 
 def test_tensor_parallel_must_divide_query_groups():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -114,6 +115,7 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelCon
     hf_folder = Path(hf_folder)
     fam = _family(cfg)
     converted, fresh_ok = fam.hf_to_megatron(read_safetensors(hf_folder), cfg, source=hf_folder)
+    converted = _pipeline_stage(converted, cfg)
     converted = _tensor_parallel_shards(model, converted, cfg)
     own = model.state_dict()
     problems = []
@@ -134,6 +136,41 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelCon
     if missing:
         raise RuntimeError(f"conversion left model tensors unset: {missing[:5]}")
     log.info("loaded %d tensors from %s", len(converted), hf_folder)
+
+
+def _pipeline_stage(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """This pipeline stage's tensors of a whole-model state dict, under its local names.
+
+    megatron splits the layers evenly (stage r holds layers r*n/pp .. (r+1)*n/pp - 1, numbered
+    from 0 on each stage); the embedding lives on the first stage, the final norm and output
+    layer on the last. With tied embeddings the last stage holds its own copy of the word
+    embedding as `output_layer.weight`.
+    """
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return full
+    per_stage = cfg.num_layers // parallel_state.get_pipeline_model_parallel_world_size()
+    first = parallel_state.get_pipeline_model_parallel_rank() * per_stage
+    is_first = parallel_state.is_pipeline_first_stage()
+    is_last = parallel_state.is_pipeline_last_stage()
+    out = {}
+    for key, value in full.items():
+        m = re.match(r"(decoder|encoder)\.layers\.(\d+)\.(.+)", key)
+        if m:
+            layer = int(m.group(2))
+            if first <= layer < first + per_stage:
+                out[f"{m.group(1)}.layers.{layer - first}.{m.group(3)}"] = value
+        elif key.startswith("embedding."):
+            if is_first:
+                out[key] = value
+            if is_last and not is_first and cfg.tie_embeddings and \
+                    key == "embedding.word_embeddings.weight":
+                out["output_layer.weight"] = value
+        elif is_last:
+            out[key] = value
+    return out
 
 
 def _tensor_parallel_shards(model: torch.nn.Module, full: dict[str, Tensor],
