@@ -33,7 +33,10 @@ def register(app: typer.Typer) -> None:
         tokenizer: Optional[Path] = typer.Option(
             None, help="Tokenizer folder to include (default: SRC/tokenizer when present)."),
     ) -> None:
-        """model.json + newest checkpoint -> BertForMaskedLM / LlamaForCausalLM folder."""
+        """model.json + newest checkpoint -> BertForMaskedLM / LlamaForCausalLM folder.
+
+        Convert only folders you trust: megatron's dist_checkpointing reads the checkpoint's
+        metadata with torch.distributed.checkpoint, which unpickles it."""
         from factory.train.convert.folders import megatron_to_hf as convert
 
         summary = convert(src, dst, tokenizer)

@@ -171,11 +171,12 @@ def _tiny_llama_base(folder: Path, vocab: int):
         tie_word_embeddings=True, initializer_range=0.05)).save_pretrained(folder)
 
 
-@pytest.mark.slow  # one 2-process launch: about 40 s on 2 cores
+@pytest.mark.slow  # two 2-process launches: about 70 s on 2 cores
 def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     """PP=2 (megatron's 1F1B schedule over gloo) trains a continued GPT with tied embeddings
     (the first stage's embedding and the last stage's output layer kept equal) exactly like one
-    process, and its checkpoint reads back whole at PP=1."""
+    process, its checkpoint reads back whole at PP=1, and a SIGKILLed PP=2 run resumes
+    exactly."""
     import torch
 
     from factory.stage import MemoryLog, StageContext
@@ -190,10 +191,16 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     single.mkdir()
     pretrain_stage("gpt", *overrides).run(StageContext(out=single, inputs=gpt_inputs,
                                                       log=MemoryLog()))
+    # Launch 1: a PP=2 run, then a second one SIGKILLed (with its launch) after checkpoint 4.
+    attempt = tmp_path / "attempt"
     plan = {"vocab": str(gpt_inputs["vocab"]), "pack": str(gpt_inputs["pack"]), "jobs": [
-        {"kind": "train", "family": "gpt", "out": str(tmp_path / "pp2"),
-         "overrides": [*overrides, "parallel.pipeline=2"]}]}
-    done = subprocess.run(_torchrun(plan, tmp_path / "plan.json"), cwd=REPO,
+        {"kind": "train", "family": "gpt", "out": str(out),
+         "overrides": [*overrides, "parallel.pipeline=2"]} for out in (tmp_path / "pp2", attempt)]}
+    cmd = _torchrun(plan, tmp_path / "plan.json")
+    assert kill_after_checkpoint(cmd, attempt, INTERVAL, timeout=300) == INTERVAL
+    assert len(_rows(attempt)) < STEPS, "the kill came too late to test anything"
+    rerun = {**plan, "jobs": plan["jobs"][-1:]}
+    done = subprocess.run(_torchrun(rerun, tmp_path / "rerun.json"), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -205,6 +212,7 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     extra = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints" / "iter_0000012" /
                                     "extra").iterdir())
     assert extra == ["rank00000.pt", "rank00001.pt"]
+    assert _losses(attempt) == pytest.approx(pp2, abs=1e-6)     # resumed after the kill
 
     # Both stages' shards read back into one PP=1 model give the one-process model's logits.
     parallel.init()
