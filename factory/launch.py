@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from factory.runner import CONTINUE_ENV
 from factory.stage import UserError
 
 if TYPE_CHECKING:
@@ -274,7 +275,8 @@ def render_local(job: Job, nproc_per_node: int, python: str = sys.executable) ->
     lines = ["#!/bin/bash", _header(job), "set -euo pipefail", f"cd {shlex.quote(job.workdir)}",
              f"export MLFLOW_TRACKING_URI={shlex.quote(job.tracking_uri)}"]
     lines += [f"export {k}={v}" for k, v in GPU_ENV.items()]
-    lines += [shlex.join(c) for c in local_commands(job, nproc_per_node, python)]
+    first, *rest = local_commands(job, nproc_per_node, python)
+    lines += [shlex.join(first), f"export {CONTINUE_ENV}=1", *(shlex.join(c) for c in rest)]
     return "\n".join(lines) + "\n"
 
 
@@ -293,9 +295,9 @@ def run_local(job: Job, nproc_per_node: int) -> int:
     env = {**os.environ, "MLFLOW_TRACKING_URI": job.tracking_uri}
     for k, v in GPU_ENV.items():
         env.setdefault(k, v)
-    for cmd in local_commands(job, nproc_per_node):
+    for i, cmd in enumerate(local_commands(job, nproc_per_node)):
         log.info("launch: %s", shlex.join(cmd))
-        rc = subprocess.call(cmd, cwd=job.workdir, env=env)
+        rc = subprocess.call(cmd, cwd=job.workdir, env={**env, CONTINUE_ENV: "1"} if i else env)
         if rc:
             return rc
     return 0
@@ -362,7 +364,9 @@ def render_sbatch(job: Job, opts: SlurmOptions) -> str:
     for kv in opts.env:
         key, _, value = kv.partition("=")
         lines.append(f"export {key}={q(value)}")
-    lines += ['HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+    # sed reads every line: `head -n 1` would close the pipe early, and under pipefail the
+    # SIGPIPE scontrol gets (many nodes) would fail the job.
+    lines += ['HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
               f"RDZV_PORT={opts.port}", ""]
 
     container = _container(opts.runtime, image, _mounts(job, opts), job.workdir)
@@ -371,6 +375,8 @@ def render_sbatch(job: Job, opts: SlurmOptions) -> str:
               f"RUN=({shlex.join(job.common_args())})", ""]
     lines += [f"# 1. data stages, once, on the first node: {', '.join(job.before)}",
               f'"${{ON_FIRST_NODE[@]}}" factory run "${{RUN[@]}}" --until {job.before[-1]}',
+              "# the next steps log under step 1's MLflow run",
+              f"export {CONTINUE_ENV}=1",
               f"# 2. {DISTRIBUTED_STAGE} on every GPU ({fit.describe()}):",
               "#    one torchrun agent per node, c10d rendezvous on the first node",
               f'"${{ON_EVERY_NODE[@]}}" torchrun --nnodes={fit.nodes} '

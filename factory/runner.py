@@ -41,6 +41,9 @@ STAGES: dict[str, str] = {
 RECORD = ".stage.json"
 # Stages that run on every rank under torchrun (collective work); all others are single-process.
 DISTRIBUTED = ("pretrain",)
+# "1": log under the parent run this run directory's previous command recorded (summary.json)
+# instead of starting a new one: the three commands of one `factory launch` job, one MLflow run.
+CONTINUE_ENV = "FACTORY_MLFLOW_CONTINUE"
 
 
 def stage_class(name: str) -> type[Stage]:
@@ -158,16 +161,18 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
     from factory import tracking
 
     tracker = (tracker_factory or tracking.Tracker)(loaded.manifest.name)
-    parent = tracker.start_parent(
-        f"{loaded.manifest.name}-{loaded.scale or 'full'}",
-        tags={"factory.run_dir": str(run_dir), "factory.scale": loaded.scale or "full",
-              "factory.family": loaded.manifest.family,
-              "factory.strategy": loaded.manifest.strategy,
-              "factory.version": __version__,
-              "factory.stages": ",".join(p.stage.name for p in planned
-                                         if p.stage.name in selected)})
-    parent.params(tracking.flatten(loaded.resolved()))
-    parent.artifact(run_dir / "manifest.resolved.yaml")
+    parent = _continued_parent(tracker, run_dir)
+    if parent is None:
+        parent = tracker.start_parent(
+            f"{loaded.manifest.name}-{loaded.scale or 'full'}",
+            tags={"factory.run_dir": str(run_dir), "factory.scale": loaded.scale or "full",
+                  "factory.family": loaded.manifest.family,
+                  "factory.strategy": loaded.manifest.strategy,
+                  "factory.version": __version__,
+                  "factory.stages": ",".join(p.stage.name for p in planned
+                                             if p.stage.name in selected)})
+        parent.params(tracking.flatten(loaded.resolved()))
+        parent.artifact(run_dir / "manifest.resolved.yaml")
 
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -190,6 +195,21 @@ def run(loaded: Loaded, run_dir: Path, *, force: bool = False, only: str | None 
         _report(run_dir, parent)
         parent.end(status)
     return summary
+
+
+def _continued_parent(tracker, run_dir: Path):
+    """With CONTINUE_ENV=1 (set by `factory launch` for a job's later commands), the parent
+    run the previous command of this run directory recorded in summary.json, reopened; else
+    None (a new parent run)."""
+    if os.environ.get(CONTINUE_ENV) != "1":
+        return None
+    try:
+        previous = json.loads((run_dir / "summary.json").read_text())["mlflow"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if previous.get("tracking_uri") != tracker.uri or not previous.get("run_id"):
+        return None
+    return tracker.continue_parent(previous["run_id"])
 
 
 def _report(run_dir: Path, parent) -> None:

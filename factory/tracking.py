@@ -127,6 +127,20 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return StageRun(self, run.info.run_id)
 
+    def continue_parent(self, run_id: str) -> StageRun | None:
+        """Reopen an earlier parent run of this experiment (the next command of one launched
+        job); None when the store does not hold it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        if run.info.experiment_id != self.experiment_id:
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        return StageRun(self, run_id)
+
     def start_child(self, parent: StageRun, name: str, tags: dict[str, str]) -> StageRun:
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": parent.run_id, **tags})

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factory import launch
+from factory import launch, runner
 from factory import manifest as mf
 from factory.stage import UserError
 from tests.conftest import FACTORY, REPO
@@ -124,7 +124,9 @@ def test_torchrun_dry_run_is_one_machine(tmp_path):
     run = next(ln for ln in lines if "torch.distributed.run" in ln)
     assert "--standalone" in run and "--nproc-per-node=4" in run and "--only pretrain" in run
     assert sum("factory.cli run" in ln for ln in lines) == 3
-    assert "--until pack" in lines[lines.index(run) - 1]
+    # Step 1 (the data stages) starts the MLflow run; the later steps continue it.
+    cont = lines.index(f"export {runner.CONTINUE_ENV}=1")
+    assert "--until pack" in lines[cont - 1] and lines.index(run) == cont + 1
 
 
 # --- checks before submission ----------------------------------------------------------
@@ -467,7 +469,8 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
     agents = [subprocess.Popen(
         launch.torchrun_command(two, nnodes=2, nproc_per_node=1, torchrun=torchrun,
                                 rdzv_endpoint=f"127.0.0.1:{port}", rdzv_id="proof"),
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=REPO, env={**env, runner.CONTINUE_ENV: "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
         for _ in range(2)]
     one = tmp_path / "one"
     one.mkdir()
@@ -496,3 +499,14 @@ def test_two_torchrun_nodes_match_one_process(tmp_path):
 
     assert set(ranks(tmp_path / "two")) == {"rank00000.pt", "rank00001.pt"}
     assert set(ranks(one)) == {"rank00000.pt"}
+
+    # The launched job's two commands are one MLflow parent run with every stage under it.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("biomedical").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("factory.run_dir") == str(tmp_path / "two")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = {r.data.tags["factory.stage"] for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert children == {"corpus", "vocab", "pack", "pretrain"}

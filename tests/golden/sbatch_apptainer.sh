@@ -14,7 +14,7 @@ export MLFLOW_TRACKING_URI=http://mlflow.example:5000
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=WARN
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 RDZV_PORT=29411
 
 ON_FIRST_NODE=(srun --nodes=1 --ntasks-per-node=1 \
@@ -25,6 +25,8 @@ RUN=(domains/biomedical.yaml --scale smoke --run-dir /scratch/runs/biomedical --
 
 # 1. data stages, once, on the first node: corpus, vocab, pack
 "${ON_FIRST_NODE[@]}" factory run "${RUN[@]}" --until pack
+# the next steps log under step 1's MLflow run
+export FACTORY_MLFLOW_CONTINUE=1
 # 2. pretrain on every GPU (1 node(s) x 2 GPU(s) = TP 1 x PP 1 x DP 2):
 #    one torchrun agent per node, c10d rendezvous on the first node
 "${ON_EVERY_NODE[@]}" torchrun --nnodes=1 --nproc-per-node=2 \

@@ -18,7 +18,7 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export NCCL_DEBUG=WARN
 export NCCL_SOCKET_IFNAME=ib0
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 RDZV_PORT=29500
 
 ON_FIRST_NODE=(srun --nodes=1 --ntasks-per-node=1 \
@@ -33,6 +33,8 @@ RUN=(domains/biomedical.yaml --run-dir /scratch/runs/biomedical)
 
 # 1. data stages, once, on the first node: corpus, vocab, pack
 "${ON_FIRST_NODE[@]}" factory run "${RUN[@]}" --until pack
+# the next steps log under step 1's MLflow run
+export FACTORY_MLFLOW_CONTINUE=1
 # 2. pretrain on every GPU (2 node(s) x 8 GPU(s) = TP 1 x PP 1 x DP 16):
 #    one torchrun agent per node, c10d rendezvous on the first node
 "${ON_EVERY_NODE[@]}" torchrun --nnodes=2 --nproc-per-node=8 \
