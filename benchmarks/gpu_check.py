@@ -42,7 +42,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from factory.train import attention, loop, parallel, throughput  # noqa: E402
+from factory.train import attention, engine, loop, parallel, throughput  # noqa: E402
 from factory.train.models import ModelConfig, build_model, pad_vocab  # noqa: E402
 from factory.train.sizes import BERT_SIZES, GPT_SIZES  # noqa: E402
 
@@ -107,7 +107,7 @@ def gpt_1b(results: dict, out_dir: Path) -> None:
     dev = throughput.device()
     torch.manual_seed(0)
     model = build_model(cfg).to(dev)
-    optimizer = loop.build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
+    optimizer = engine.build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     flops = loop.flops_per_token(cfg.num_layers, cfg.hidden_size, seq, cfg.matmul_parameters())
     peak = loop.peak_flops_per_s()
     results.update(params=sum(p.numel() for p in model.parameters()), seq=seq,

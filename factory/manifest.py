@@ -270,7 +270,31 @@ class Parallel(_Strict):
     """Model-parallel layout; data parallel = world size / (tensor * pipeline), from torchrun."""
 
     tensor: int = Field(1, gt=0, description="Tensor-parallel size (must divide the heads)")
-    pipeline: int = Field(1, gt=0, description="Pipeline-parallel size (gpt only; 1 on CPU)")
+    pipeline: int = Field(1, gt=0, description="Pipeline-parallel size (must divide the layers)")
+    engine: Literal["torch", "megatron"] = Field(
+        "torch", description="torch: fp32 weights, torch AdamW, bf16 autocast, one gradient "
+        "all-reduce after backward. megatron: megatron-core DDP (bucketed reduce overlapped "
+        "with backward) and optimizer (bf16 weights with fp32 main weights, distributed "
+        "optimizer)")
+    distributed_optimizer: bool | None = Field(
+        None, description="engine megatron: shard main weights and Adam state over the "
+                          "data-parallel ranks (default true)")
+    overlap_grad_reduce: bool | None = Field(
+        None, description="engine megatron: start each bucket's reduce during backward "
+                          "(default true)")
+    ddp_bucket_size: int | None = Field(
+        None, gt=0, description="engine megatron: gradient elements per reduce bucket "
+                                "(default megatron's, max(40M, 1M x data parallel))")
+
+    @model_validator(mode="after")
+    def _engine_options(self):
+        if self.engine == "torch":
+            given = [f for f in ("distributed_optimizer", "overlap_grad_reduce",
+                                 "ddp_bucket_size") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for engine: megatron; set "
+                                 "parallel.engine: megatron or remove them")
+        return self
 
 
 class Task(NerOptions):

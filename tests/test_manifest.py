@@ -114,3 +114,12 @@ def test_yaml_tags_that_run_code_are_refused(tmp_path):
 def test_budget_in_tokens_becomes_steps(tmp_path):
     loaded = mf.load(write(tmp_path, MINIMAL.replace("steps: 10", "tokens: 1000")))
     assert loaded.manifest.training.total_steps == 4   # ceil(1000 / (8 * 32))
+
+
+def test_megatron_engine_options_need_the_megatron_engine(tmp_path):
+    with pytest.raises(mf.ManifestError) as e:
+        mf.load(write(tmp_path, MINIMAL), overrides=["parallel.distributed_optimizer=false"])
+    assert "distributed_optimizer: only for engine: megatron" in e.value.problems[0]
+    loaded = mf.load(write(tmp_path, MINIMAL), overrides=[
+        "parallel.engine=megatron", "parallel.distributed_optimizer=false"])
+    assert loaded.manifest.parallel.distributed_optimizer is False

@@ -10,7 +10,10 @@ facts: ../shared/MEGATRON_CPU.md, "Hugging Face conversion"):
   names stay stock and the TP/sharding logic of every submodule is megatron's own.
 - `HFBertEmbedding`: word + token type + position, then LayerNorm, then dropout (HF's order).
 - `HFBertModel`: a layer-norm-free block spec, a key-only padding mask, and a forward that
-  returns one tensor (per-token loss or logits) instead of (x, binary_logits).
+  returns one tensor (per-token loss or logits) instead of (x, binary_logits). Under pipeline
+  parallel each stage holds its share of the layers, the first the embeddings, the last the
+  MLM head with its copy of the tied word embeddings (megatron's LanguageModule keeps the two
+  equal).
 
 Everything here imports megatron.core at module level: import this module lazily.
 """
@@ -27,7 +30,10 @@ from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, get_cuda_rng_tracker
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
@@ -142,12 +148,16 @@ class HFBertModel(BertModel):
     """BertModel with HF BERT's layer, embeddings and block (no final LayerNorm)."""
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 num_tokentypes: int = 2):
+                 num_tokentypes: int = 2, pre_process: bool = True, post_process: bool = True):
+        # This pipeline stage's layers (all of them without pipeline parallel); megatron
+        # numbers them globally from the stage's offset.
         block = TransformerBlockSubmodules(
-            layer_specs=[post_ln_layer_spec()] * config.num_layers, layer_norm=None)
+            layer_specs=[post_ln_layer_spec()] * get_num_layers_to_build(config),
+            layer_norm=None)
         super().__init__(config=config, num_tokentypes=num_tokentypes,
                          transformer_layer_spec=block, vocab_size=vocab_size,
                          max_sequence_length=max_sequence_length,
+                         pre_process=pre_process, post_process=post_process,
                          # parallel_output=False breaks the training loss (an in-place op on
                          # a gathered view); TP=1 logits are whole either way.
                          parallel_output=True, share_embeddings_and_output_weights=True,
@@ -156,8 +166,9 @@ class HFBertModel(BertModel):
             self.embedding = HFBertEmbedding(config=config, vocab_size=vocab_size,
                                              max_sequence_length=max_sequence_length,
                                              num_tokentypes=num_tokentypes)
-            # Re-tie the output layer to the new word embeddings.
-            self.setup_embeddings_and_output_layer()
+        # Re-tie the output layer to the new word embeddings: on every stage, because under
+        # pipeline parallel the last stage's copy is set by an all-reduce with the first.
+        self.setup_embeddings_and_output_layer()
 
     def _sanity_check_attention_and_get_attn_mask_dimension(self) -> str:
         # Key-only mask [b,1,1,s]: pad query rows then attend like HF's (a [b,1,s,s] product
@@ -177,13 +188,13 @@ class HFBertModel(BertModel):
         if tokentype_ids is None and self.pre_process and \
                 self.embedding.tokentype_embeddings is not None:
             tokentype_ids = torch.zeros_like(input_ids)
-        if lm_labels is not None and loss_mask is not None and self.post_process \
-                and self.pre_process:
+        if lm_labels is not None and loss_mask is not None and self.post_process:
             return self._masked_lm_loss(input_ids, attention_mask, tokentype_ids, lm_labels,
                                         loss_mask)
-        out, _ = super().forward(input_ids, attention_mask, tokentype_ids=tokentype_ids,
-                                 lm_labels=lm_labels, inference_context=inference_context)
-        return out
+        out = super().forward(input_ids, attention_mask, tokentype_ids=tokentype_ids,
+                              lm_labels=lm_labels, inference_context=inference_context)
+        # Before the last pipeline stage: the hidden states [s, b, h] for the next stage.
+        return out[0] if self.post_process else out
 
     def _masked_lm_loss(self, input_ids, attention_mask, tokentype_ids, lm_labels, loss_mask):
         h = _encode(self, input_ids, attention_mask, tokentype_ids)       # [s, b, h]
@@ -217,20 +228,20 @@ def transformer_config(cfg: ModelConfig) -> TransformerConfig:
         bias_activation_fusion=False, bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False,
-        use_cpu_initialization=on_cpu, params_dtype=torch.float32)
+        use_cpu_initialization=on_cpu, params_dtype=torch.float32,
+        # Activations cross pipeline stages in fp32, as in factory/train/gpt.py.
+        pipeline_dtype=torch.float32)
 
 
 def build_bert(cfg: ModelConfig) -> HFBertModel:
     """A fresh HF-architecture BERT; padded vocabulary rows get PADDED_VOCAB_BIAS."""
     if cfg.family != "bert":
         raise ValueError(f"build_bert needs family bert, got {cfg.family!r}")
-    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
-        # The block spec lists every layer and the model is built whole (pre and post process).
-        raise NotImplementedError("bert: pipeline parallel is not supported; use tensor or "
-                                  "data parallel")
     model = HFBertModel(transformer_config(cfg), vocab_size=cfg.padded_vocab_size,
                         max_sequence_length=cfg.max_position_embeddings,
-                        num_tokentypes=cfg.type_vocab_size)
+                        num_tokentypes=cfg.type_vocab_size,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
     _mask_padded_vocab(model, cfg)
     return model
 
@@ -250,10 +261,13 @@ def _mask_padded_vocab(model: HFBertModel, cfg: ModelConfig) -> None:
 
 
 def _encode(model: HFBertModel, input_ids, attention_mask, tokentype_ids):
-    """Embeddings + encoder: last hidden states [s,b,h]."""
-    position_ids = model.bert_position_ids(input_ids)
-    emb = model.embedding(input_ids=input_ids, position_ids=position_ids,
-                          tokentype_ids=tokentype_ids)
+    """Embeddings + encoder: last hidden states [s,b,h]. After the first pipeline stage the
+    encoder starts from the hidden states the schedule handed it (`set_input_tensor`)."""
+    emb = None
+    if model.pre_process:
+        emb = model.embedding(input_ids=input_ids,
+                              position_ids=model.bert_position_ids(input_ids),
+                              tokentype_ids=tokentype_ids)
     return model.encoder(hidden_states=emb,
                          attention_mask=model.bert_extended_attention_mask(attention_mask))
 

@@ -1,9 +1,14 @@
 """Training checkpoints that a kill at any moment cannot leave looking complete.
 
 Layout (pretrain/ contract):
-    checkpoints/iter_NNNNNNN/model/            megatron dist_checkpointing of model.sharded_state_dict()
-    checkpoints/iter_NNNNNNN/extra/rank00000.pt optimizer, RNG states, step, consumed samples
-    checkpoints/latest.txt                     the newest complete step
+    checkpoints/iter_NNNNNNN/model/             dist_checkpointing of the bare model's
+                                                sharded_state_dict (bf16 under engine megatron
+                                                with bf16, fp32 otherwise)
+    checkpoints/iter_NNNNNNN/optimizer/         engine megatron: its optimizer's sharded state
+                                                (fp32 main weights, Adam moments)
+    checkpoints/iter_NNNNNNN/extra/rank00000.pt engine torch: the optimizer; both: RNG states,
+                                                step, consumed samples, engine
+    checkpoints/latest.txt                      the newest complete step
 
 A checkpoint is written into `.tmp_iter_NNNNNNN`, renamed when whole, and only then named in
 latest.txt (replaced atomically). Readers trust latest.txt alone, so a half-written folder
@@ -24,11 +29,15 @@ import numpy as np
 import torch
 
 from factory.stage import UserError
+from factory.train import engine
 
 log = logging.getLogger(__name__)
 
 LATEST = "latest.txt"
 _ITER = re.compile(r"^iter_(\d{7})$")
+# megatron's distributed-optimizer layout that saves and loads in parallel and reshards over
+# data parallel (Megatron-LM's default; 0.16.1 no longer writes "fully_sharded_model_space").
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def iter_dir(root: Path, step: int) -> Path:
@@ -96,16 +105,24 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
     from megatron.core import dist_checkpointing
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    megatron = engine.is_megatron(optimizer)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_iter_{step:07d}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "model").mkdir(parents=True)
         (tmp / "extra").mkdir()
+        if megatron:
+            (tmp / "optimizer").mkdir()
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "model"))
+    net = engine.bare(model)
+    dist_checkpointing.save(net.sharded_state_dict(), str(tmp / "model"))
+    if megatron:
+        dist_checkpointing.save(optimizer.sharded_state_dict(
+            net.sharded_state_dict(), metadata=OPTIMIZER_FORMAT), str(tmp / "optimizer"))
     extra = {"step": step, "consumed_samples": consumed_samples, "phase": phase,
-             "optimizer": optimizer.state_dict(), "rng": rng_states()}
+             "engine": "megatron" if megatron else "torch",
+             "optimizer": None if megatron else optimizer.state_dict(), "rng": rng_states()}
     _write(tmp / "extra" / f"rank{rank:05d}.pt", lambda f: torch.save(extra, f))
     _barrier()
     final = iter_dir(root, step)
@@ -137,18 +154,46 @@ def load(root: Path, step: int, model: torch.nn.Module,
     folder = iter_dir(root, step)
     rank = dist.get_rank() if dist.is_initialized() else 0
     extra_path = folder / "extra" / f"rank{rank:05d}.pt"
+    net = engine.bare(model)
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(folder / "model"))
-        model.load_state_dict(state)
         extra = torch.load(extra_path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise UserError(f"{folder}: cannot load checkpoint ({e.__class__.__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''}); delete the pretrain "
-                        "output folder to start over") from None
+        raise _unreadable(folder, e) from None
     if optimizer is not None:
-        optimizer.load_state_dict(extra["optimizer"])
+        saved = extra.get("engine", "torch")
+        here = "megatron" if engine.is_megatron(optimizer) else "torch"
+        if saved != here:
+            raise UserError(f"{folder}: written by parallel.engine {saved}, this run uses "
+                            f"{here}; resume with engine {saved} or delete the pretrain "
+                            "output folder to start over")
+    try:
+        state = dist_checkpointing.load(net.sharded_state_dict(), str(folder / "model"))
+        net.load_state_dict(state)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise _unreadable(folder, e) from None
+    if optimizer is not None:
+        if here == "torch":
+            optimizer.load_state_dict(extra["optimizer"])
+        else:
+            # no_grad: with fp32 parameters the distributed optimizer's main weights are
+            # views of them, which a plain copy_ may not write into.
+            try:
+                with torch.no_grad():
+                    engine.prepare_to_load(optimizer)
+                    engine.load_state(optimizer, dist_checkpointing.load(
+                        optimizer.sharded_state_dict(net.sharded_state_dict(), is_loading=True,
+                                                     metadata=OPTIMIZER_FORMAT),
+                        str(folder / "optimizer")))
+            except (OSError, RuntimeError, KeyError, ValueError) as e:
+                raise _unreadable(folder, e) from None
     set_rng_states(extra["rng"])
     return extra
+
+
+def _unreadable(folder: Path, e: Exception) -> UserError:
+    return UserError(f"{folder}: cannot load checkpoint ({e.__class__.__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); delete the pretrain "
+                     "output folder to start over")
 
 
 def _write(path: Path, fill) -> None:

@@ -37,9 +37,22 @@ def apply() -> bool:
     torch.Tensor.cuda = lambda self, *a, **k: self
     # The pipeline schedules allocate their token counter with device="cuda" (0.16.1,
     # schedules.py); everything else there goes through torch.cuda.current_device().
+    # Modules that allocate with device="cuda" (0.16.1): the pipeline schedules' token
+    # counter; megatron's optimizer (found-inf and overflow buffers), its grad-norm helpers
+    # and the DDP grad buffers (engine megatron). Everything else goes through
+    # torch.cuda.current_device().
+    import megatron.core.distributed.param_and_grad_buffer as grad_buffer
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.distrib_optimizer as distrib_optimizer
+    import megatron.core.optimizer.optimizer as optimizer
     import megatron.core.pipeline_parallel.schedules as schedules
+    import megatron.core.utils as utils
 
-    schedules.torch = _TorchOnCpu()
+    for module in (schedules, optimizer, distrib_optimizer, clip_grads, grad_buffer, utils):
+        module.torch = _TorchOnCpu()
+    # megatron's optimizers accept only parameters and gradients whose `type()` reads
+    # torch.cuda.FloatTensor / BFloat16Tensor; nothing else in this process asks.
+    torch.Tensor.type = _cuda_type_name
     # The tracker's "CUDA" state is now the CPU generator, so every dropout fork trips
     # megatron's "CPU RNG state changed" warning by design: noise, twice a step.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
@@ -47,12 +60,34 @@ def apply() -> bool:
     return True
 
 
+_tensor_type = torch.Tensor.type
+
+
+def _cuda_type_name(self, *args, **kwargs):
+    name = _tensor_type(self, *args, **kwargs)
+    if args or kwargs or self.is_cuda:     # a conversion, or a real CUDA tensor
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
 class _TorchOnCpu:
-    """`torch` for megatron's schedules module, with device="cuda" read as the CPU."""
+    """`torch` for a megatron module, with device="cuda" read as the CPU."""
 
     def __getattr__(self, name):
         return getattr(torch, name)
 
     @staticmethod
     def zeros(*args, device=None, **kwargs):
-        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+        return torch.zeros(*args, device=_cpu(device), **kwargs)
+
+    @staticmethod
+    def empty(*args, device=None, **kwargs):
+        return torch.empty(*args, device=_cpu(device), **kwargs)
+
+    @staticmethod
+    def tensor(*args, device=None, **kwargs):
+        return torch.tensor(*args, device=_cpu(device), **kwargs)
+
+
+def _cpu(device):
+    return "cpu" if device == "cuda" else device

@@ -8,10 +8,14 @@ parallel: megatron's layers communicate inside forward/backward; the grad norm c
 parameter once (a TP-duplicated norm weight once, a sharded matrix's shards summed over the
 model-parallel group), so clipping matches TP=1. Only global rank 0 writes metrics.jsonl.
 
-bf16 is torch autocast over fp32 master weights (torch AdamW works unchanged; megatron's
-mixed-precision optimizer needs CUDA tensors). GPU only: megatron's linear layers restore the
-autocast state in backward through torch.amp.custom_bwd(device_type="cuda"), so on CPU their
-backward meets a bf16 gradient and an fp32 weight and fails; the stage refuses bf16 there.
+Engines (factory/train/engine.py): with `torch` this module reduces, clips and steps; with
+`megatron` the gradients sit in megatron DDP's buffers (reduced during the last micro-batch's
+backward) and megatron's optimizer clips and steps.
+
+bf16, torch engine: torch autocast over fp32 master weights. GPU only: megatron's linear
+layers restore the autocast state in backward through torch.amp.custom_bwd(device_type="cuda"),
+so on CPU their backward meets a bf16 gradient and an fp32 weight and fails. bf16, megatron
+engine: the parameters themselves are bf16 (no autocast), which runs on CPU as well.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class LoopConfig:
     checkpoint_interval: int = 100
     keep_checkpoints: int = 2
     precision: Literal["fp32", "bf16"] = "fp32"
+    engine: Literal["torch", "megatron"] = "torch"     # factory/train/engine.py
     flops_per_token: float | None = None    # training FLOPs per token, for MFU (GPU only)
 
     def checkpoint_steps_to_keep(self, step: int) -> set[int]:
@@ -55,21 +60,6 @@ class LoopConfig:
         last = step - step % self.checkpoint_interval
         keep = {last - i * self.checkpoint_interval for i in range(self.keep_checkpoints)}
         return {s for s in keep if s > 0} | {self.total_steps}
-
-
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float],
-                    eps: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases and norm weights (every parameter under 2-D)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel for the whole update on GPU; the foreach path on CPU.
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
 
 
 def forward_loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Tensor]
@@ -124,22 +114,39 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
+    megatron = cfg.engine == "megatron"
+    if megatron:
+        model.zero_grad_buffer()
     optimizer.zero_grad(set_to_none=True)
+    # megatron's DDP divides every gradient by the data-parallel size before summing; the
+    # loss is already a global mean, so each rank's share is scaled back up.
+    scale = dp_size if megatron else 1
     if _pipeline_size() > 1:
-        loss_sum = _pipeline_forward_backward(model, micro, cfg, n_tokens, device)
+        loss_sum = _pipeline_forward_backward(model, micro, cfg, n_tokens / scale, device)
     else:
         loss_sum = torch.zeros((), device=device)
-        for batch in micro:
-            with autocast(cfg.precision, device):
-                per_token = forward_loss(model, cfg.family, batch)
-            summed = (per_token.float() * batch["loss_mask"]).sum()
-            (summed / n_tokens).backward()
+        for i, batch in enumerate(micro):
+            # megatron's buckets reduce during the last micro-batch's backward only.
+            sync = contextlib.nullcontext() if not megatron or i == len(micro) - 1 else \
+                model.no_sync()
+            with sync:
+                with autocast(cfg.precision if not megatron else "fp32", device):
+                    per_token = forward_loss(model, cfg.family, batch)
+                summed = (per_token.float() * batch["loss_mask"]).sum()
+                (summed * scale / n_tokens).backward()
             loss_sum += summed.detach()
+        if megatron:
+            model.finish_grad_sync()
+    if dp_group is not None:
+        dist.all_reduce(loss_sum, group=dp_group)
+    if megatron:
+        # Clipping, the norm (each parameter once across model-parallel ranks) and the
+        # update of the fp32 main weights happen inside megatron's optimizer.
+        _, grad_norm, _ = optimizer.step()
+        return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": float(grad_norm)}
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if dp_group is not None:
         all_reduce_grads(params, dp_group)
-        dist.all_reduce(loss_sum, group=dp_group)
-
     grad_norm = clip_grad_norm(params, cfg.clip_grad)
     optimizer.step()
     return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": grad_norm}
@@ -168,7 +175,7 @@ def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, tor
 
     def forward_step(batches, stage_model):
         batch = next(batches)
-        with autocast(cfg.precision, device):
+        with autocast(cfg.precision if cfg.engine == "torch" else "fp32", device):
             out = forward_loss(stage_model, cfg.family, batch)  # hidden states before the last
 
         def loss(per_token):
@@ -185,7 +192,8 @@ def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, tor
     loss_sum = torch.stack([s["loss_sum"] for s in stored]).sum() if stored else \
         torch.zeros((), device=device)
     dist.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
-    _sync_shared_embeddings(model)
+    if cfg.engine == "torch":       # megatron's finalize_model_grads did it on its buffers
+        _sync_shared_embeddings(model)
     return loss_sum
 
 

@@ -46,10 +46,7 @@ def layout_problems(layout: Layout, family: str, num_attention_heads: int,
     if groups % tp:
         problems.append(f"parallel.tensor {tp} must divide the {groups} query groups "
                         "(model.num_query_groups)")
-    if pp > 1 and family != "gpt":
-        problems.append(f"parallel.pipeline {pp}: pipeline parallel is built for GPT only; "
-                        "use tensor and data parallel for BERT")
-    elif pp > 1 and num_layers is not None and num_layers % pp:
+    if pp > 1 and num_layers is not None and num_layers % pp:
         problems.append(f"parallel.pipeline {pp} must divide the {num_layers} layers "
                         "(model.num_layers)")
     return problems

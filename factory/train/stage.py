@@ -143,7 +143,7 @@ class PretrainStage(Stage):
 
         import torch
 
-        from factory.train import checkpoint, data, loop, parallel
+        from factory.train import checkpoint, data, engine, loop, parallel
         from factory.train.models import build_model
 
         c = self.config
@@ -160,9 +160,11 @@ class PretrainStage(Stage):
             raise UserError(f"training.global_batch_size {t.global_batch_size} must be a "
                             f"multiple of micro_batch_size x data-parallel size = "
                             f"{t.micro_batch_size} x {dp}")
-        if t.precision == "bf16" and not torch.cuda.is_available():
-            raise UserError("training.precision bf16: needs a GPU (on CPU megatron-core's "
-                            "linear layers have no bf16 backward); use auto or fp32")
+        if t.precision == "bf16" and c.parallel.engine == "torch" and \
+                not torch.cuda.is_available():
+            raise UserError("training.precision bf16: with parallel.engine torch it needs a "
+                            "GPU (on CPU megatron-core's linear layers have no autocast "
+                            "backward); use parallel.engine megatron, or precision auto/fp32")
         parallel.init(layout, seed=t.seed)
         writer = loop.is_writer()
         tokenizer = data.load_tokenizer(ctx.inputs["vocab"] / "tokenizer")
@@ -192,14 +194,14 @@ class PretrainStage(Stage):
             from factory.train.convert import load_hf_into_megatron
 
             load_hf_into_megatron(model, base, model_cfg)
-        optimizer = loop.build_optimizer(model, t.lr, t.optimizer.betas, t.optimizer.eps,
-                                         t.optimizer.weight_decay)
+        cfg = self._loop_config(model_cfg)
+        model, optimizer = engine.build(model, engine.config_of(
+            cfg.engine, cfg.precision, t, c.parallel))
         plan = self._blend_plan(ctx, pack_dir, writer)
         train_data = data.build_train_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
             t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
             whole_word_masking=t.whole_word_masking is not False, plan=plan)
-        cfg = self._loop_config(model_cfg)
 
         metrics_path = ctx.out / "metrics.jsonl"
         start = 0
@@ -370,7 +372,7 @@ class PretrainStage(Stage):
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay, clip_grad=t.clip_grad,
             checkpoint_interval=t.checkpoint_interval, precision=precision,
-            flops_per_token=flops)
+            engine=c.parallel.engine, flops_per_token=flops)
 
 
 def _dropout(value: float | None, strategy: str) -> float | None:

@@ -30,7 +30,7 @@ def device() -> torch.device:
 def stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
             precision: str = "fp32") -> Runner:
     """One training step of `model` under `precision` with the loop's AdamW and clipping."""
-    from factory.train.loop import build_optimizer
+    from factory.train.engine import build_optimizer
 
     opt = build_optimizer(model, 1e-4, (0.9, 0.999), 1e-8, 0.01)
     params = [p for p in model.parameters() if p.requires_grad]

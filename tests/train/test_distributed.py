@@ -8,6 +8,7 @@ runner does under torchrun. Dropout is 0 so TP=2 and TP=1 draw the same function
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,22 @@ def _torchrun(plan: dict, path: Path) -> list[str]:
     path.write_text(json.dumps(plan))
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
             "2", "-m", "tests.train.dist_worker", str(path)]
+
+
+def _launch_killed_then_rerun(plan: dict, attempt: Path, tmp_path: Path,
+                              keep: Path | None = None) -> None:
+    """Launch `plan`, whose last job trains into `attempt`; SIGKILL the launch right after
+    that job's checkpoint INTERVAL; copy the killed folder to `keep` if given; rerun the last
+    job alone in a new launch."""
+    assert kill_after_checkpoint(_torchrun(plan, tmp_path / "plan.json"), attempt, INTERVAL,
+                                 timeout=300) == INTERVAL
+    assert len(_rows(attempt)) < STEPS, "the kill came too late to test anything"
+    if keep is not None:
+        shutil.copytree(attempt, keep)
+    rerun = {**plan, "jobs": plan["jobs"][-1:]}
+    done = subprocess.run(_torchrun(rerun, tmp_path / "rerun.json"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def _losses(out: Path) -> list[float]:
@@ -87,9 +104,7 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
         {"kind": "train", "out": str(attempt), "overrides": [*COMMON, "parallel.tensor=2"]},
     ]}
     hf_logits = _hf_bases(tmp_path)
-    cmd = _torchrun(plan, tmp_path / "plan.json")
-    assert kill_after_checkpoint(cmd, attempt, INTERVAL, timeout=300) == INTERVAL
-    assert len(_rows(attempt)) < STEPS, "the kill came too late to test anything"
+    _launch_killed_then_rerun(plan, attempt, tmp_path)
 
     tp2, dp2 = _losses(tmp_path / "tp2"), _losses(tmp_path / "dp2")
     assert tp2 == pytest.approx(reference, abs=1e-4)
@@ -126,10 +141,6 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
         assert (ours - theirs).abs().max().item() < 1e-4, name
 
     # The killed TP=2 run, rerun: the losses are the uninterrupted TP=2 run's.
-    rerun = {**plan, "jobs": plan["jobs"][-1:]}
-    done = subprocess.run(_torchrun(rerun, tmp_path / "rerun.json"), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert _losses(attempt) == pytest.approx(tp2, abs=1e-6)
 
 
@@ -171,7 +182,7 @@ def _tiny_llama_base(folder: Path, vocab: int):
         tie_word_embeddings=True, initializer_range=0.05)).save_pretrained(folder)
 
 
-@pytest.mark.slow  # two 2-process launches: about 70 s on 2 cores
+@pytest.mark.slow  # two 2-process launches: about 80 s on 2 cores
 def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     """PP=2 (megatron's 1F1B schedule over gloo) trains a continued GPT with tied embeddings
     (the first stage's embedding and the last stage's output layer kept equal) exactly like one
@@ -191,24 +202,25 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     single.mkdir()
     pretrain_stage("gpt", *overrides).run(StageContext(out=single, inputs=gpt_inputs,
                                                       log=MemoryLog()))
-    # Launch 1: a PP=2 run, then a second one SIGKILLed (with its launch) after checkpoint 4.
+    # Launch 1: a PP=2 run, one with the megatron engine (its DDP buffers, the tied-embedding
+    # sum in finalize_model_grads), then one SIGKILLed (with its launch) after checkpoint 4.
     attempt = tmp_path / "attempt"
     plan = {"vocab": str(gpt_inputs["vocab"]), "pack": str(gpt_inputs["pack"]), "jobs": [
         {"kind": "train", "family": "gpt", "out": str(out),
-         "overrides": [*overrides, "parallel.pipeline=2"]} for out in (tmp_path / "pp2", attempt)]}
-    cmd = _torchrun(plan, tmp_path / "plan.json")
-    assert kill_after_checkpoint(cmd, attempt, INTERVAL, timeout=300) == INTERVAL
-    assert len(_rows(attempt)) < STEPS, "the kill came too late to test anything"
-    rerun = {**plan, "jobs": plan["jobs"][-1:]}
-    done = subprocess.run(_torchrun(rerun, tmp_path / "rerun.json"), cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+         "overrides": [*overrides, "parallel.pipeline=2", *more]}
+        for out, more in ((tmp_path / "pp2", []),
+                          (tmp_path / "pp2_megatron", ["parallel.engine=megatron"]),
+                          (attempt, []))]}
+    _launch_killed_then_rerun(plan, attempt, tmp_path)
 
     reference, pp2 = _losses(single), _losses(tmp_path / "pp2")
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
     assert pp2 == pytest.approx(reference, abs=1e-5)
-    norms = [[r["grad_norm"] for r in _rows(tmp_path / name)] for name in ("single", "pp2")]
+    assert _losses(tmp_path / "pp2_megatron") == pytest.approx(reference, abs=1e-5)
+    norms = [[r["grad_norm"] for r in _rows(tmp_path / name)]
+             for name in ("single", "pp2", "pp2_megatron")]
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    assert norms[2] == pytest.approx(norms[0], rel=1e-4)
     extra = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints" / "iter_0000012" /
                                     "extra").iterdir())
     assert extra == ["rank00000.pt", "rank00001.pt"]
@@ -220,6 +232,100 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     pos = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
         ours, theirs = (load_checkpoint_model(tmp_path / name).eval()(ids, pos, None)
+                        for name in ("single", "pp2"))
+    assert ours.abs().max() > 1.0
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.slow  # two 2-process launches: about 35 s on 2 cores
+def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path):
+    """parallel.engine megatron at DP=2 (megatron DDP over several buckets, reduce-scatter
+    into the distributed optimizer) and at TP=2 trains like one torch-engine process;
+    SIGKILLed after checkpoint 4 it resumes exactly at DP=2, and its sharded optimizer state
+    resumes in one process too (resharded DP2 -> DP1)."""
+    from factory.stage import MemoryLog, StageContext
+
+    single = tmp_path / "single"
+    single.mkdir()
+    pretrain_stage("bert", *COMMON).run(StageContext(out=single, inputs=bert_inputs,
+                                                    log=MemoryLog()))
+    megatron = [*COMMON, "parallel.engine=megatron", "parallel.ddp_bucket_size=20000"]
+    attempt = tmp_path / "attempt"
+    plan = {"vocab": str(bert_inputs["vocab"]), "pack": str(bert_inputs["pack"]), "jobs": [
+        {"kind": "train", "out": str(out), "overrides": [*megatron, *more]}
+        for out, more in ((tmp_path / "tp2", ["parallel.tensor=2"]), (tmp_path / "dp2", []),
+                          (attempt, []))]}
+    _launch_killed_then_rerun(plan, attempt, tmp_path, keep=tmp_path / "attempt_dp1")
+
+    reference, dp2 = _losses(single), _losses(tmp_path / "dp2")
+    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
+    assert dp2 == pytest.approx(reference, abs=1e-5)
+    assert _losses(tmp_path / "tp2") == pytest.approx(reference, abs=1e-4)
+    norms = [[r["grad_norm"] for r in _rows(tmp_path / name)]
+             for name in ("single", "dp2", "tp2")]
+    assert max(norms[0]) > 1.0                                  # clipping was active
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
+    assert norms[2] == pytest.approx(norms[0], rel=1e-3)        # each TP shard counted once
+    last = tmp_path / "dp2" / "checkpoints" / "iter_0000012"
+    assert (last / "optimizer" / "metadata.json").is_file()
+    assert _losses(attempt) == pytest.approx(dp2, abs=1e-6)     # resumed after the kill
+
+    # The DP=2 checkpoint 4 resumed by one process: the optimizer state is regathered.
+    pretrain_stage("bert", *megatron).run(StageContext(
+        out=tmp_path / "attempt_dp1", inputs=bert_inputs, log=MemoryLog()))
+    assert _losses(tmp_path / "attempt_dp1") == pytest.approx(dp2, abs=1e-5)
+
+
+def _tiny_bert_base(folder: Path, vocab: int):
+    """A 2-layer HF BertForMaskedLM with `vocab` rows, saved to `folder`."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(13)
+    BertForMaskedLM(BertConfig(
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=512, initializer_range=0.05,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
+
+
+@pytest.mark.slow  # one 2-process launch: about 30 s on 2 cores
+def test_bert_pipeline_parallel_matches_one_process(bert_inputs, tmp_path):
+    """PP=2 for the HF-exact BERT (embeddings on the first stage, the MLM head and the tied
+    decoder copy on the last), with either engine, trains a continued BERT like one process;
+    the two stages' shards read back into one PP=1 model give its logits."""
+    import torch
+
+    from factory.stage import MemoryLog, StageContext
+    from factory.train import data, parallel
+    from factory.train.export import load_checkpoint_model
+
+    vocab = data.load_tokenizer(bert_inputs["vocab"] / "tokenizer").vocab_size
+    _tiny_bert_base(tmp_path / "bert", vocab)
+    overrides = [*COMMON, "strategy=continued", f"base.path={tmp_path / 'bert'}",
+                 "model.size=null", "tokenizer=null", "parallel.pipeline=2"]
+    single = tmp_path / "single"
+    single.mkdir()
+    pretrain_stage("bert", *overrides[:-1]).run(StageContext(out=single, inputs=bert_inputs,
+                                                             log=MemoryLog()))
+    plan = {"vocab": str(bert_inputs["vocab"]), "pack": str(bert_inputs["pack"]), "jobs": [
+        {"kind": "train", "out": str(tmp_path / "pp2"), "overrides": overrides},
+        {"kind": "train", "out": str(tmp_path / "pp2_megatron"),
+         "overrides": [*overrides, "parallel.engine=megatron"]}]}
+    done = subprocess.run(_torchrun(plan, tmp_path / "plan.json"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    reference = _losses(single)
+    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
+    for name in ("pp2", "pp2_megatron"):
+        assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5), name
+        norms = [[r["grad_norm"] for r in _rows(tmp_path / n)] for n in ("single", name)]
+        assert norms[1] == pytest.approx(norms[0], rel=1e-4), name
+
+    parallel.init()
+    ids, mask = probe_batch(vocab)
+    with torch.no_grad():
+        ours, theirs = (load_checkpoint_model(tmp_path / name).eval()(ids, mask)
                         for name in ("single", "pp2"))
     assert ours.abs().max() > 1.0
     assert (ours - theirs).abs().max().item() < 1e-4

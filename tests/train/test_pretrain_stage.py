@@ -153,7 +153,7 @@ def test_accumulated_micro_batches_equal_one_batch(bert_inputs, tmp_path):
     loss is the token-weighted mean over the global batch, not a mean of micro means."""
     import torch
 
-    from factory.train import data, loop, parallel
+    from factory.train import data, engine, loop, parallel
     from factory.train.models import ModelConfig, build_model, pad_vocab
     from factory.train.schedule import LRSchedule
 
@@ -183,7 +183,7 @@ def test_accumulated_micro_batches_equal_one_batch(bert_inputs, tmp_path):
         # Adam's first update is lr * g / (|g| + eps): with a tiny eps, an element whose
         # gradient is rounding noise flips sign between the two summation orders and moves by
         # up to 2 lr. eps = 1e-3 keeps the comparison about the gradients, not their noise.
-        opt = loop.build_optimizer(m, 1e-3, (0.9, 0.98), 1e-3, 0.01)
+        opt = engine.build_optimizer(m, 1e-3, (0.9, 0.98), 1e-3, 0.01)
         lc = loop.LoopConfig(family="bert", total_steps=1, global_batch_size=16,
                              micro_batch_size=micro, seq_length=64,
                              schedule=LRSchedule(lr=1e-3, total_steps=1, decay="constant"))
@@ -195,7 +195,7 @@ def test_accumulated_micro_batches_equal_one_batch(bert_inputs, tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
     # No weight decay on biases and norm weights.
-    opt = loop.build_optimizer(model, 1e-3, (0.9, 0.98), 1e-6, 0.01)
+    opt = engine.build_optimizer(model, 1e-3, (0.9, 0.98), 1e-6, 0.01)
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2 and not name.endswith(".bias")), name

@@ -6,6 +6,7 @@ uninterrupted reference run in the test process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.train.conftest import REPO, pretrain_stage
@@ -69,14 +71,25 @@ def kill_after_checkpoint(cmd: list[str], out: Path, step: int, timeout: float =
             pytest.fail(f"no checkpoint {step} within {timeout} s: "
                         f"{(out.parent / f'{out.name}.log').read_text()[-2000:]}")
     finally:
-        # The whole session: the run and the writer/manager processes dist_checkpointing starts.
-        try:
+        # Every descendant, then the session: torchrun starts its workers in sessions of their
+        # own, so killing its session alone leaves them training on to the last step.
+        tree = _descendants(proc.pid)
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait()
+        _, alive = psutil.wait_procs(tree, timeout=30)
         log_file.close()
+        assert not alive, f"still running after SIGKILL: {alive}"
     return int(latest.read_text())
+
+
+def _descendants(pid: int) -> list:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
 
 
 # About 25 s. BERT's SIGKILL resume is covered at TP=2 in test_distributed.py; this one keeps

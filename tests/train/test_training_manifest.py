@@ -35,7 +35,7 @@ def test_parallel_fields_are_validated():
 
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.tensor=4",), "parallel.tensor 4 must divide the 2 attention heads"),
-    (("parallel.pipeline=2",), "parallel.pipeline 2: pipeline parallel is built for GPT only"),
+    (("parallel.pipeline=4",), "parallel.pipeline 4 must divide the 2 layers"),
 ])
 def test_bad_layout_is_reported_by_check(overrides, message):
     problems = pretrain_stage("bert", *overrides).check()
@@ -43,8 +43,9 @@ def test_bad_layout_is_reported_by_check(overrides, message):
 
 
 def test_pipeline_parallel_must_divide_the_gpt_layers():
-    # smoke GPT: 2 layers.
+    # smoke GPT and BERT: 2 layers.
     assert pretrain_stage("gpt", "parallel.pipeline=2").check() == []
+    assert pretrain_stage("bert", "parallel.pipeline=2").check() == []
     problems = pretrain_stage("gpt", "parallel.pipeline=4").check()
     assert any("parallel.pipeline 4 must divide the 2 layers" in p for p in problems), problems
 
@@ -124,7 +125,8 @@ def test_bf16_on_cpu_is_refused_before_any_work(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CPU expectation")
     stage = pretrain_stage("bert", "training.precision=bf16")
-    with pytest.raises(UserError, match="training.precision bf16: needs a GPU"):
+    with pytest.raises(UserError, match="training.precision bf16: with parallel.engine torch it "
+                                        "needs a GPU"):
         stage.run(StageContext(out=tmp_path, inputs={"vocab": tmp_path, "pack": tmp_path},
                                log=MemoryLog()))
     assert not any(tmp_path.iterdir())

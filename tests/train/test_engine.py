@@ -1,0 +1,109 @@
+"""The megatron engine (megatron-core DDP + megatron's optimizer) trains like the torch engine,
+in one process here; under torchrun in test_distributed.py."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _bert(seed: int):
+    from factory.train.models import ModelConfig, build_model
+
+    import torch
+
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(
+        family="bert", num_layers=2, hidden_size=64, num_attention_heads=2, ffn_hidden_size=128,
+        vocab_size=2048, padded_vocab_size=2048, max_position_embeddings=512,
+        hidden_dropout=0.0, attention_dropout=0.0))
+
+
+def _steps(model, optimizer, ds, engine_name: str, precision: str = "fp32", n: int = 4):
+    from factory.train import loop
+    from factory.train.schedule import LRSchedule
+
+    cfg = loop.LoopConfig(family="bert", total_steps=n, global_batch_size=16,
+                          micro_batch_size=4, seq_length=64, clip_grad=1.0,
+                          schedule=LRSchedule(lr=2e-3, total_steps=n, warmup_steps=1),
+                          weight_decay=0.1, engine=engine_name, precision=precision)
+    return [loop.train_step(model, optimizer, ds, cfg, step=s) for s in range(1, n + 1)]
+
+
+def test_megatron_engine_matches_torch_engine(bert_inputs, tmp_path):
+    """Same model, same batches (4 micro-batches a step, clipping active, weight decay 0.1):
+    megatron's DDP buffers + optimizer give the torch engine's losses, norms and weights; in
+    bf16 the parameters are bf16, the fp32 main weights live in the optimizer, and the run
+    stays within bf16 noise of fp32."""
+    import torch
+
+    from factory.train import data, engine, parallel
+
+    parallel.init(seed=7)
+    tok = data.load_tokenizer(bert_inputs["vocab"] / "tokenizer")
+    ds = data.build_train_dataset("bert", bert_inputs["pack"], tok, 64, 64, 7, tmp_path)
+    settings = dict(lr=2e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, clip_grad=1.0)
+
+    ours, opt = engine.build(_bert(3), engine.EngineConfig(name="torch", **settings))
+    reference = _steps(ours, opt, ds, "torch")
+    theirs, mopt = engine.build(_bert(3), engine.EngineConfig(
+        name="megatron", bucket_size=5000, **settings))       # several buckets
+    assert engine.is_megatron(mopt) and not engine.is_megatron(opt)
+    got = _steps(theirs, mopt, ds, "megatron")
+
+    assert max(r["grad_norm"] for r in reference) > 1.0       # clipping was active
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in reference], abs=1e-6)
+    assert [r["grad_norm"] for r in got] == pytest.approx(
+        [r["grad_norm"] for r in reference], rel=1e-5)
+    bare = engine.bare(theirs)
+    assert type(bare) is type(ours)
+    for (name, a), (_, b) in zip(ours.named_parameters(), bare.named_parameters(),
+                                 strict=True):
+        # Weight decay (0.1 x lr 2e-3 a step) on a bias or norm would move it by ~1e-4.
+        assert torch.allclose(a, b, atol=2e-6), name
+
+    half, hopt = engine.build(_bert(3), engine.EngineConfig(
+        name="megatron", precision="bf16", **settings))
+    bf16 = _steps(half, hopt, ds, "megatron", "bf16")
+    assert {p.dtype for p in engine.bare(half).parameters()} == {torch.bfloat16}
+    main = [p for g in hopt.param_groups for p in g["params"]]
+    assert main and {p.dtype for p in main} == {torch.float32}
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in reference], abs=0.01)
+    assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.05, "bf16 did not learn"
+
+
+@pytest.mark.slow  # about 20 s
+def test_megatron_engine_bf16_stage_exports(gpt_inputs, tmp_path):
+    """The pretrain stage with parallel.engine megatron and precision bf16 runs on CPU (the
+    torch engine refuses bf16 there), saves bf16 weights with fp32 main weights in its
+    optimizer checkpoint, and the export stage turns the bf16 checkpoint into a HF folder
+    whose logits match the megatron model's."""
+    import json
+
+    import torch
+    from megatron.core import dist_checkpointing
+
+    from factory.stage import MemoryLog, StageContext, UserError
+    from factory.train.export import ExportConfig, ExportStage
+    from tests.train.conftest import pretrain_stage
+
+    overrides = ("training.steps=6", "training.checkpoint_interval=3", "training.precision=bf16")
+    with pytest.raises(UserError, match="parallel.engine megatron"):
+        pretrain_stage("gpt", *overrides).run(StageContext(
+            out=tmp_path / "refused", inputs=gpt_inputs, log=MemoryLog()))
+    out = tmp_path / "pretrain"
+    out.mkdir()
+    metrics = pretrain_stage("gpt", *overrides, "parallel.engine=megatron").run(
+        StageContext(out=out, inputs=gpt_inputs, log=MemoryLog()))
+    assert metrics["final_loss"] < metrics["first_loss"]
+    last = out / "checkpoints" / "iter_0000006"
+    extra = torch.load(last / "extra" / "rank00000.pt", weights_only=True)
+    assert extra["engine"] == "megatron" and extra["optimizer"] is None
+    meta = dist_checkpointing.load_tensors_metadata(str(last / "model"))
+    assert {t.dtype for t in meta.values()} == {torch.bfloat16}
+    assert json.loads((last / "optimizer" / "metadata.json").read_text())
+
+    export = tmp_path / "export"
+    export.mkdir()
+    result = ExportStage(ExportConfig(family="gpt")).run(StageContext(
+        out=export, inputs={"pretrain": out, "vocab": gpt_inputs["vocab"]}, log=MemoryLog()))
+    assert result["step"] == 6 and result["max_abs_logit_diff"] < 1e-4
