@@ -11,7 +11,8 @@ other processes hits them alike); the report is the median over the timed steps
 Rows: `hf` (BertForMaskedLM, its default SDPA attention, MLM head over every position),
 `megatron` (our training path: local attention, MLM head over the masked positions only),
 `megatron-sdpa` (the same with the SDPA core attention, the GPU path), `megatron-fullhead`
-(the head over every position, as HF does).
+(the head over every position, as HF does), `megatron-engine` (the training path under
+`parallel.engine: megatron`: DDP grad buffers and megatron's optimizer, fp32).
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def main() -> None:
                       padded_vocab_size=pad_vocab(args.vocab), max_position_embeddings=512,
                       **BERT_SIZES[args.size])
     runners = throughput.bert_runners(cfg, args.batch, args.seq, "fp32",
-                                      backends=("local", "sdpa"), full_head=True)
+                                      backends=("local", "sdpa"), full_head=True,
+                                      megatron_engine="fp32")
     medians = throughput.time_interleaved(runners, args.steps, args.warmup)
     hf = medians["hf"]
     for name, m in medians.items():

@@ -8,13 +8,16 @@ time limit loses nothing already measured):
                   CPU, tiny BERT and GPT: logits within 1e-3; bf16 autocast within 1.0 (a
                   smoke bound: bf16's spacing at BERT's -100 padded-vocabulary bias is 0.5).
   gpt_1b          a Llama-3.2-1B-shaped GPT (vocab 32,768), sequence 2048, bf16: the training
-                  loop's own step (`loop.train_step`: autocast, fused AdamW, global-norm
-                  clipping) per micro batch in GPT_MICROS; tokens/s, MFU, peak memory; then a
-                  torch.profiler table of two steps (OUT_DIR/gpt_profile.txt): what bounds it.
+                  loop's own step (`loop.train_step`) per engine in GPT_ENGINES (torch:
+                  autocast, fused AdamW, global-norm clipping; megatron: bf16 parameters, DDP
+                  buffers, megatron's optimizer) and micro batch in GPT_MICROS; tokens/s,
+                  MFU, peak memory; then a torch.profiler table of two steps per engine
+                  (OUT_DIR/gpt_profile.txt, gpt_profile_megatron.txt): what bounds it.
   bert_base       BERT-base masked LM (vocab 30,522) at BERT_SHAPES (batch x sequence; default
                   128x128, 256x128 and 64x512: PubMedBERT's two phases): our step vs HF
                   BertForMaskedLM (SDPA attention), same dimensions, batch, bf16 autocast and
-                  AdamW; profiles of both at the first shape (OUT_DIR/bert_profile.txt).
+                  AdamW, and our step under the megatron engine (bf16 parameters); profiles
+                  at the first shape (OUT_DIR/bert_profile.txt).
   pretrain_stage  with --inputs (the vocab/ and pack/ of `factory run domains/biomedical.yaml
                   --scale smoke --until pack`): the real pretrain stage on the GPU (precision
                   auto -> bf16, attention auto -> SDPA), 40 steps; then a resume from its
@@ -26,6 +29,7 @@ CPU at toy sizes (checks this script without a GPU).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -94,10 +98,13 @@ def check_exactness(results: dict) -> None:
 
 
 def gpt_1b(results: dict, out_dir: Path) -> None:
+    """Per engine in GPT_ENGINES (default both) and micro batch in GPT_MICROS: the loop's own
+    step; a profile of each engine's fastest micro batch (OUT_DIR/gpt_profile[_ENGINE].txt)."""
     from factory.train.schedule import LRSchedule
 
     seq = 64 if DRY else 2048
     micros = [2] if DRY else [int(m) for m in os.environ.get("GPT_MICROS", "4 8 16").split()]
+    engines = os.environ.get("GPT_ENGINES", "torch megatron").split()
     steps = 3 if DRY else 8
     vocab = 1000 if DRY else 32768
     cfg = ModelConfig(family="gpt", vocab_size=vocab, padded_vocab_size=pad_vocab(vocab),
@@ -105,58 +112,68 @@ def gpt_1b(results: dict, out_dir: Path) -> None:
                       layernorm_epsilon=1e-5, tie_embeddings=False,
                       **GPT_SIZES["smoke" if DRY else "1b"])
     dev = throughput.device()
-    torch.manual_seed(0)
-    model = build_model(cfg).to(dev)
-    optimizer = engine.build_optimizer(model, 3e-4, (0.9, 0.95), 1e-8, 0.1)
     flops = loop.flops_per_token(cfg.num_layers, cfg.hidden_size, seq, cfg.matmul_parameters())
     peak = loop.peak_flops_per_s()
-    results.update(params=sum(p.numel() for p in model.parameters()), seq=seq,
-                   flops_per_token=flops, runs={})
+    results.update(seq=seq, flops_per_token=flops, runs={}, best_micro={})
     data = Synthetic(vocab, seq, max(micros))
+    for name in engines:
+        # The megatron engine's bf16 is bf16 parameters (no autocast), which runs on CPU too.
+        precision = PRECISION if name == "torch" else "bf16"
+        torch.manual_seed(0)
+        model, optimizer = engine.build(build_model(cfg).to(dev), engine.EngineConfig(
+            name=name, precision=precision, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1))
+        results["params"] = sum(p.numel() for p in engine.bare(model).parameters())
 
-    def loop_cfg(micro: int):
-        return loop.LoopConfig(family="gpt", total_steps=10**6, global_batch_size=micro,
-                               micro_batch_size=micro, seq_length=seq,
-                               schedule=LRSchedule(lr=3e-4, total_steps=10**6, warmup_steps=0),
-                               precision=PRECISION, flops_per_token=flops)
+        def loop_cfg(micro: int):
+            return loop.LoopConfig(
+                family="gpt", total_steps=10**6, global_batch_size=micro,
+                micro_batch_size=micro, seq_length=seq, engine=name,
+                schedule=LRSchedule(lr=3e-4, total_steps=10**6, warmup_steps=0),
+                precision=precision, flops_per_token=flops)
 
-    best = None
-    for micro in micros:
-        lc = loop_cfg(micro)
-        try:
-            times, losses = [], []
-            for i in range(3 + steps):
-                throughput._sync()
-                t0 = time.perf_counter()
-                m = loop.train_step(model, optimizer, data, lc, i + 1)
-                throughput._sync()
-                losses.append(m["loss"])
-                if i >= 3:
-                    times.append(time.perf_counter() - t0)
-        except torch.OutOfMemoryError as e:
-            results["runs"][str(micro)] = {"error": f"out of memory: {e}"[:300]}
+        runs = results["runs"][name] = {}
+        best = None
+        for micro in micros:
+            lc = loop_cfg(micro)
+            try:
+                times, losses = [], []
+                for i in range(3 + steps):
+                    throughput._sync()
+                    t0 = time.perf_counter()
+                    m = loop.train_step(model, optimizer, data, lc, i + 1)
+                    throughput._sync()
+                    losses.append(m["loss"])
+                    if i >= 3:
+                        times.append(time.perf_counter() - t0)
+            except torch.OutOfMemoryError as e:
+                runs[str(micro)] = {"error": f"out of memory: {e}"[:300]}
+                torch.cuda.empty_cache()
+                continue
+            t = statistics.median(times)
+            tps = micro * seq / t
+            run = runs[str(micro)] = {
+                "step_s": t, "tokens_per_s": tps, "mfu": tps * flops / peak if peak else None,
+                "losses": losses,
+                "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                   if torch.cuda.is_available() else None)}
+            log.info("gpt 1b %s micro %d: %.3f s/step, %.0f tokens/s, MFU %s", name, micro, t,
+                     tps, run["mfu"])
+            if best is None or tps > runs[str(best)]["tokens_per_s"]:
+                best = micro
+        if best is not None:
+            # What bounds the step: GPU time by kernel over two steps.
+            results["best_micro"][name] = best
+            lc = loop_cfg(best)
+            prof, table = _profile(functools.partial(loop.train_step, model, optimizer,
+                                                     data, lc, 100))
+            suffix = "" if name == "torch" else f"_{name}"
+            (out_dir / f"gpt_profile{suffix}.txt").write_text(table + "\n")
+            results.setdefault("profile_summary", {})[name] = _kernel_summary(prof)
+            log.info("gpt 1b %s profile: %s", name, results["profile_summary"][name])
+        del model, optimizer
+        if torch.cuda.is_available():
             torch.cuda.empty_cache()
-            continue
-        t = statistics.median(times)
-        tps = micro * seq / t
-        run = {"step_s": t, "tokens_per_s": tps, "mfu": tps * flops / peak if peak else None,
-               "losses": losses,
-               "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                  if torch.cuda.is_available() else None)}
-        results["runs"][str(micro)] = run
-        log.info("gpt 1b micro %d: %.3f s/step, %.0f tokens/s, MFU %s", micro, t, tps,
-                 run["mfu"])
-        if best is None or tps > results["runs"][str(best)]["tokens_per_s"]:
-            best = micro
-    if best is None:
-        return
-    results["best_micro"] = best
-    # What bounds the step: GPU time by kernel over two steps.
-    lc = loop_cfg(best)
-    prof, table = _profile(lambda: loop.train_step(model, optimizer, data, lc, 100))
-    (out_dir / "gpt_profile.txt").write_text(table + "\n")
-    results["profile_summary"] = _kernel_summary(prof)
-    log.info("gpt 1b profile: %s", results["profile_summary"])
+            torch.cuda.reset_peak_memory_stats()
 
 
 def _kernel_summary(prof) -> dict[str, float]:
@@ -191,7 +208,7 @@ def bert_base(results: dict, out_dir: Path) -> None:
                           **BERT_SIZES["smoke" if DRY else "base"])
         backends = ("sdpa",) if DRY else ("sdpa", "local")
         runners = throughput.bert_runners(cfg, batch, seq, PRECISION, backends=backends,
-                                          full_head=True,
+                                          full_head=True, megatron_engine="bf16",
                                           extra={"fp32bias": _megatron_bias} if n == 0 else None)
         med = throughput.time_interleaved(runners, steps, warmup=3)
         res = results[shape] = {
@@ -201,7 +218,7 @@ def bert_base(results: dict, out_dir: Path) -> None:
         log.info("bert base %s: %s", shape, res["speedup_vs_hf"])
         if n == 0:
             res["profile_summary"] = {}
-            for name in ("hf", "megatron"):
+            for name in ("hf", "megatron", "megatron-engine"):
                 prof, table = _profile(runners[name])
                 tables.append(f"== {name} {shape}\n{table}")
                 res["profile_summary"][name] = _kernel_summary(prof)

@@ -46,16 +46,39 @@ def stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.T
     return step
 
 
+def engine_stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+                   precision: str = "fp32") -> Runner:
+    """One training step under the megatron engine (factory/train/engine.py): bf16 parameters
+    when precision is bf16, DDP grad buffers, megatron's optimizer with the same AdamW
+    settings and clipping as `stepper`."""
+    from factory.train import engine
+
+    net, opt = engine.build(model, engine.EngineConfig(
+        name="megatron", precision=precision, lr=1e-4, eps=1e-8, weight_decay=0.01))
+
+    def step():
+        net.zero_grad_buffer()
+        opt.zero_grad()
+        loss_fn(net).backward()
+        net.finish_grad_sync()
+        opt.step()
+
+    return step
+
+
 Alter = Callable[[torch.nn.Module], None]
 
 
 def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32",
                  backends: tuple[str, ...] = ("local",), full_head: bool = False,
-                 seed: int = 0, extra: dict[str, Alter] | None = None) -> dict[str, Runner]:
+                 seed: int = 0, extra: dict[str, Alter] | None = None,
+                 megatron_engine: str | None = None) -> dict[str, Runner]:
     """`hf` (BertForMaskedLM, its default SDPA attention, head over every position) and one
     `megatron[-BACKEND]` runner per core-attention backend (head over masked positions only,
     the training path); with full_head also `megatron-fullhead` (head everywhere, like HF);
-    per `extra` entry NAME: fn, `megatron-NAME`, a model that fn altered (A/B checks)."""
+    per `extra` entry NAME: fn, `megatron-NAME`, a model that fn altered (A/B checks); with
+    megatron_engine (its precision) `megatron-engine`, the training path under the megatron
+    engine."""
     from transformers import BertConfig, BertForMaskedLM
 
     from factory.train.models import build_model
@@ -96,6 +119,10 @@ def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"
             model = build_model(cfg).to(dev).train()
         alter(model)
         runners[f"megatron-{name}"] = stepper(model, masked, precision)
+    if megatron_engine:
+        with _attention(backends[0]):
+            model = build_model(cfg).to(dev).train()
+        runners["megatron-engine"] = engine_stepper(model, masked, megatron_engine)
     return runners
 
 

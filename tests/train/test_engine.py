@@ -107,3 +107,23 @@ def test_megatron_engine_bf16_stage_exports(gpt_inputs, tmp_path):
     result = ExportStage(ExportConfig(family="gpt")).run(StageContext(
         out=export, inputs={"pretrain": out, "vocab": gpt_inputs["vocab"]}, log=MemoryLog()))
     assert result["step"] == 6 and result["max_abs_logit_diff"] < 1e-4
+
+
+def test_resuming_with_the_other_engine_is_refused(tmp_path):
+    """A checkpoint records its engine; resuming it under the other one is one clear error
+    before any weight is touched (their optimizer states have different layouts)."""
+    import torch
+
+    from factory.stage import UserError
+    from factory.train import checkpoint, engine, parallel
+
+    parallel.init(seed=7)
+    settings = dict(lr=1e-3, weight_decay=0.01)
+    model, opt = engine.build(_bert(1), engine.EngineConfig(name="torch", **settings))
+    checkpoint.save(tmp_path, 1, model, opt, consumed_samples=8)
+    other, mopt = engine.build(_bert(2), engine.EngineConfig(name="megatron", **settings))
+    before = [p.detach().clone() for p in engine.bare(other).parameters()]
+    with pytest.raises(UserError, match="written by parallel.engine torch, this run uses "
+                                        "megatron"):
+        checkpoint.load(tmp_path, 1, other, mopt)
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.bare(other).parameters()))

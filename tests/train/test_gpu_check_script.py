@@ -20,11 +20,14 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert out["check"]["bert"]["ok"] and out["check"]["gpt"]["ok"]
     assert out["check"]["gpt"]["max_abs_logit_diff_fp32"] < 1e-4
-    run = out["gpt_1b"]["runs"]["2"]
-    assert run["tokens_per_s"] > 0
-    assert run["losses"][-1] < run["losses"][0]     # the loop's step trains
+    for engine in ("torch", "megatron"):
+        run = out["gpt_1b"]["runs"][engine]["2"]
+        assert run["tokens_per_s"] > 0
+        assert run["losses"][-1] < run["losses"][0], engine     # the loop's step trains
     shape = out["bert_base"]["4x32"]
-    assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-fp32bias"}
+    assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-fp32bias",
+                                    "megatron-engine"}
     assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
     assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
+    assert (tmp_path / "gpt_profile_megatron.txt").stat().st_size > 0
     assert "== megatron 4x32" in (tmp_path / "bert_profile.txt").read_text()
