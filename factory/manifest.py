@@ -241,6 +241,9 @@ class Training(_Strict):
         None, description="Mask every piece of a chosen word (bert only; default true)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU; bf16 keeps fp32 master weights")
+    recompute: Literal["none", "selective", "full"] = Field(
+        "none", description="activation recomputation: selective = core attention, full = "
+                            "every layer (least memory, about a third more compute)")
 
     @model_validator(mode="after")
     def _budget(self):

@@ -14,12 +14,13 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from factory.train.attention import with_core_attention
-from factory.train.models import ModelConfig
+from factory.train.models import ModelConfig, recompute_settings
 
 
-def transformer_config(cfg: ModelConfig) -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, recompute: str = "none") -> TransformerConfig:
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
+        **recompute_settings(recompute),
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim,
@@ -61,12 +62,12 @@ def _causal_mask(s: int, device) -> torch.Tensor:
     return torch.ones(s, s, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
-def build_gpt(cfg: ModelConfig) -> LlamaGPTModel:
+def build_gpt(cfg: ModelConfig, recompute: str = "none") -> LlamaGPTModel:
     """A fresh Llama-style GPTModel; forward(input_ids, position_ids, attention_mask, labels)."""
     if cfg.family != "gpt":
         raise ValueError(f"build_gpt needs family gpt, got {cfg.family!r}")
     return LlamaGPTModel(
-        config=transformer_config(cfg),
+        config=transformer_config(cfg, recompute),
         transformer_layer_spec=with_core_attention(
             get_gpt_layer_local_spec(normalization="RMSNorm")),
         vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,

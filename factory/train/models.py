@@ -122,21 +122,39 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-size // multiple) * multiple
 
 
-def build_model(cfg: ModelConfig) -> torch.nn.Module:
-    """A fresh fp32 megatron-core model; `factory.train.parallel.init()` must have run."""
+def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
+    """A fresh fp32 megatron-core model; `factory.train.parallel.init()` must have run.
+
+    recompute (training memory, not architecture): see `recompute_settings`.
+    """
     import torch
 
     if cfg.family == "bert":
         from factory.train.bert import build_bert
 
-        model = build_bert(cfg)
+        model = build_bert(cfg, recompute)
     else:
         from factory.train.gpt import build_gpt
 
-        model = build_gpt(cfg)
+        model = build_gpt(cfg, recompute)
     # megatron puts its own layers on the GPU; modules of ours (BERT's token-type
     # embeddings, for one) are created on the CPU and follow here.
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
+
+
+def recompute_settings(recompute: str) -> dict[str, Any]:
+    """TransformerConfig fields of activation recomputation (Megatron-LM's
+    --recompute-granularity): `selective` recomputes core attention (softmax, dropout) in
+    backward instead of storing it; `full` stores only each layer's input and recomputes the
+    layer. Dropout masks are replayed from megatron's RNG tracker, so the losses do not move."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    raise ValueError(f"recompute must be none, selective or full, not {recompute!r}")
 
 
 def count_parameters(model: torch.nn.Module) -> int:

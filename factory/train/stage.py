@@ -186,7 +186,7 @@ class PretrainStage(Stage):
         parallel.barrier()
         resume_step = checkpoint.latest_step(ckpt_root)
 
-        model = build_model(model_cfg)
+        model = build_model(model_cfg, t.recompute)
         n_params = sum(p.numel() for p in model.parameters())    # tied weights count once
         log.info("%s model: %.2fM parameters on this rank (tensor parallel %d, data parallel "
                  "%d)", c.family, n_params / 1e6, layout.tensor_parallel, dp)

@@ -127,3 +127,28 @@ def test_resuming_with_the_other_engine_is_refused(tmp_path):
                                         "megatron"):
         checkpoint.load(tmp_path, 1, other, mopt)
     assert all(torch.equal(a, b) for a, b in zip(before, engine.bare(other).parameters()))
+
+
+@pytest.mark.slow  # about 20 s
+@pytest.mark.parametrize("family", ["bert", "gpt"])
+def test_activation_recompute_keeps_the_losses(family, tmp_path, request):
+    """training.recompute selective and full (dropout on: its masks must be replayed in the
+    recomputation) train to the losses of storing every activation."""
+    import json
+
+    from factory.stage import MemoryLog, StageContext
+    from tests.train.conftest import pretrain_stage
+
+    inputs = request.getfixturevalue(f"{family}_inputs")
+    losses = {}
+    for mode in ("none", "selective", "full"):
+        out = tmp_path / mode
+        out.mkdir()
+        stage = pretrain_stage(family, "training.steps=4", "training.checkpoint_interval=4",
+                               "model.hidden_dropout=0.1", "model.attention_dropout=0.1",
+                               f"training.recompute={mode}")
+        stage.run(StageContext(out=out, inputs=inputs, log=MemoryLog()))
+        losses[mode] = [json.loads(x)["loss"]
+                        for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert losses["selective"] == pytest.approx(losses["none"], abs=1e-6)
+    assert losses["full"] == pytest.approx(losses["none"], abs=1e-6)
