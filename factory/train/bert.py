@@ -38,7 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
 
-from factory.train.models import PADDED_VOCAB_BIAS, ModelConfig, recompute_settings
+from factory.train.models import PADDED_VOCAB_BIAS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,12 @@ class HFBertModel(BertModel):
         return loss.transpose(0, 1).contiguous()                            # [b, s]
 
 
-def transformer_config(cfg: ModelConfig, recompute: str = "none") -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
+    """The architecture of `cfg`; `runtime`: models.runtime_settings (recompute), which
+    changes memory and compute, not the function."""
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
-        **recompute_settings(recompute),
+        **runtime,
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
         kv_channels=cfg.head_dim,
@@ -234,11 +236,11 @@ def transformer_config(cfg: ModelConfig, recompute: str = "none") -> Transformer
         pipeline_dtype=torch.float32)
 
 
-def build_bert(cfg: ModelConfig, recompute: str = "none") -> HFBertModel:
+def build_bert(cfg: ModelConfig, **runtime) -> HFBertModel:
     """A fresh HF-architecture BERT; padded vocabulary rows get PADDED_VOCAB_BIAS."""
     if cfg.family != "bert":
         raise ValueError(f"build_bert needs family bert, got {cfg.family!r}")
-    model = HFBertModel(transformer_config(cfg, recompute), vocab_size=cfg.padded_vocab_size,
+    model = HFBertModel(transformer_config(cfg, **runtime), vocab_size=cfg.padded_vocab_size,
                         max_sequence_length=cfg.max_position_embeddings,
                         num_tokentypes=cfg.type_vocab_size,
                         pre_process=parallel_state.is_pipeline_first_stage(),

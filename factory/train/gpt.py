@@ -14,13 +14,15 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from factory.train.attention import with_core_attention
-from factory.train.models import ModelConfig, recompute_settings
+from factory.train.models import ModelConfig
 
 
-def transformer_config(cfg: ModelConfig, recompute: str = "none") -> TransformerConfig:
+def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
+    """The architecture of `cfg`; `runtime`: models.runtime_settings (recompute), which
+    changes memory and compute, not the function."""
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
-        **recompute_settings(recompute),
+        **runtime,
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size, kv_channels=cfg.head_dim,
@@ -62,12 +64,12 @@ def _causal_mask(s: int, device) -> torch.Tensor:
     return torch.ones(s, s, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
-def build_gpt(cfg: ModelConfig, recompute: str = "none") -> LlamaGPTModel:
+def build_gpt(cfg: ModelConfig, **runtime) -> LlamaGPTModel:
     """A fresh Llama-style GPTModel; forward(input_ids, position_ids, attention_mask, labels)."""
     if cfg.family != "gpt":
         raise ValueError(f"build_gpt needs family gpt, got {cfg.family!r}")
     return LlamaGPTModel(
-        config=transformer_config(cfg, recompute),
+        config=transformer_config(cfg, **runtime),
         transformer_layer_spec=with_core_attention(
             get_gpt_layer_local_spec(normalization="RMSNorm")),
         vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,

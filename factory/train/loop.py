@@ -136,7 +136,11 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
                 (summed * scale / n_tokens).backward()
             loss_sum += summed.detach()
         if megatron:
-            model.finish_grad_sync()
+            # The data-parallel reduce and what else megatron sums after backward
+            # (Megatron-LM's step calls it too; the pipeline schedule calls it itself).
+            from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+            finalize_model_grads([model])
     if dp_group is not None:
         dist.all_reduce(loss_sum, group=dp_group)
     if megatron:

@@ -125,28 +125,32 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
     """A fresh fp32 megatron-core model; `factory.train.parallel.init()` must have run.
 
-    recompute (training memory, not architecture): see `recompute_settings`.
+    recompute changes training memory and compute, not the function: see `runtime_settings`.
     """
     import torch
 
+    runtime = runtime_settings(recompute)
     if cfg.family == "bert":
         from factory.train.bert import build_bert
 
-        model = build_bert(cfg, recompute)
+        model = build_bert(cfg, **runtime)
     else:
         from factory.train.gpt import build_gpt
 
-        model = build_gpt(cfg, recompute)
+        model = build_gpt(cfg, **runtime)
     # megatron puts its own layers on the GPU; modules of ours (BERT's token-type
     # embeddings, for one) are created on the CPU and follow here.
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
 
 
-def recompute_settings(recompute: str) -> dict[str, Any]:
-    """TransformerConfig fields of activation recomputation (Megatron-LM's
-    --recompute-granularity): `selective` recomputes core attention (softmax, dropout) in
-    backward instead of storing it; `full` stores only each layer's input and recomputes the
-    layer. Dropout masks are replayed from megatron's RNG tracker, so the losses do not move."""
+def runtime_settings(recompute: str = "none") -> dict[str, Any]:
+    """TransformerConfig fields that trade memory for compute.
+
+    recompute (Megatron-LM's --recompute-granularity): `selective` recomputes core attention
+    (softmax, dropout) in backward instead of storing it; `full` stores only each layer's
+    input and recomputes the layer. Dropout masks are replayed from megatron's RNG tracker,
+    so the losses do not move.
+    """
     if recompute == "none":
         return {}
     if recompute == "selective":
