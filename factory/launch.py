@@ -90,8 +90,9 @@ def check_layout(loaded: "Loaded", nodes: int, gpus_per_node: int) -> Fit:
                         "the GPU count or the layout")
     dims = _model_dims(loaded)
     m = loaded.manifest
-    problems = layout_problems(Layout(tp, pp), m.family, dims["num_attention_heads"],
-                               dims.get("num_query_groups"), dims.get("num_layers"))
+    problems = layout_problems(Layout(tp, pp, m.parallel.virtual_pipeline), m.family,
+                               dims["num_attention_heads"], dims.get("num_query_groups"),
+                               dims.get("num_layers"))
     t = m.training
     per_step = fit.data_parallel * t.micro_batch_size
     if t.global_batch_size % per_step:

@@ -274,6 +274,10 @@ class Parallel(_Strict):
 
     tensor: int = Field(1, gt=0, description="Tensor-parallel size (must divide the heads)")
     pipeline: int = Field(1, gt=0, description="Pipeline-parallel size (must divide the layers)")
+    virtual_pipeline: int = Field(
+        1, gt=0, description="Model chunks per pipeline rank (interleaved 1F1B: a smaller "
+                             "pipeline bubble); pipeline x virtual_pipeline must divide the "
+                             "layers")
     engine: Literal["torch", "megatron"] = Field(
         "torch", description="torch: fp32 weights, torch AdamW, bf16 autocast, one gradient "
         "all-reduce after backward. megatron: megatron-core DDP (bucketed reduce overlapped "

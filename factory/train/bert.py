@@ -148,16 +148,18 @@ class HFBertModel(BertModel):
     """BertModel with HF BERT's layer, embeddings and block (no final LayerNorm)."""
 
     def __init__(self, config: TransformerConfig, vocab_size: int, max_sequence_length: int,
-                 num_tokentypes: int = 2, pre_process: bool = True, post_process: bool = True):
-        # This pipeline stage's layers (all of them without pipeline parallel); megatron
-        # numbers them globally from the stage's offset.
+                 num_tokentypes: int = 2, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None):
+        # This pipeline stage's (or model chunk's) layers, all of them without pipeline
+        # parallel; megatron numbers them globally from the stage's offset.
         block = TransformerBlockSubmodules(
-            layer_specs=[post_ln_layer_spec()] * get_num_layers_to_build(config),
+            layer_specs=[post_ln_layer_spec()] * get_num_layers_to_build(config, vp_stage),
             layer_norm=None)
         super().__init__(config=config, num_tokentypes=num_tokentypes,
                          transformer_layer_spec=block, vocab_size=vocab_size,
                          max_sequence_length=max_sequence_length,
                          pre_process=pre_process, post_process=post_process,
+                         vp_stage=vp_stage,
                          # parallel_output=False breaks the training loss (an in-place op on
                          # a gathered view); TP=1 logits are whole either way.
                          parallel_output=True, share_embeddings_and_output_weights=True,
@@ -225,6 +227,8 @@ def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
         normalization="LayerNorm", gated_linear_unit=False,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=(
+            parallel_state.get_virtual_pipeline_model_parallel_world_size()),
         # Bias-GELU stays unfused on GPU too: megatron's fused one is the tanh approximation,
         # not HF's erf GELU. Bias-dropout-add is the same math fused (torch.compile, GPU only);
         # the softmax, norm and gradient fusions need apex/TE.
@@ -236,15 +240,18 @@ def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
         pipeline_dtype=torch.float32)
 
 
-def build_bert(cfg: ModelConfig, **runtime) -> HFBertModel:
+def build_bert(cfg: ModelConfig, vp_stage: int | None = None, **runtime) -> HFBertModel:
     """A fresh HF-architecture BERT; padded vocabulary rows get PADDED_VOCAB_BIAS."""
     if cfg.family != "bert":
         raise ValueError(f"build_bert needs family bert, got {cfg.family!r}")
     model = HFBertModel(transformer_config(cfg, **runtime), vocab_size=cfg.padded_vocab_size,
                         max_sequence_length=cfg.max_position_embeddings,
                         num_tokentypes=cfg.type_vocab_size,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+                        pre_process=parallel_state.is_pipeline_first_stage(
+                            ignore_virtual=False, vp_stage=vp_stage),
+                        post_process=parallel_state.is_pipeline_last_stage(
+                            ignore_virtual=False, vp_stage=vp_stage),
+                        vp_stage=vp_stage)
     _mask_padded_vocab(model, cfg)
     return model
 

@@ -48,29 +48,37 @@ def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, A
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
-    config = model.config
+    from factory.train.chunks import ModelChunks, chunks_of
+
     bf16 = cfg.precision == "bf16"
-    if bf16:
-        config.bf16 = True
-        config.params_dtype = torch.bfloat16
-        model = Float16Module(config, model)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.distributed_optimizer, bucket_size=cfg.bucket_size),
-        model)
-    # The pipeline schedule syncs through these (micro-batches under no_sync, then the
-    # data-parallel reduce and the tied-embedding sum on the main gradients).
-    config.no_sync_func = ddp.no_sync
-    config.finalize_model_grads_func = finalize_model_grads
+    wrapped = []
+    for chunk in chunks_of(model):
+        config = chunk.config
+        if bf16:
+            config.bf16 = True
+            config.params_dtype = torch.bfloat16
+            chunk = Float16Module(config, chunk)
+        wrapped.append(DistributedDataParallel(config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.distributed_optimizer,
+            bucket_size=cfg.bucket_size), chunk,
+            # Only the first chunk's buckets may start reducing during backward (Megatron-LM).
+            disable_bucketing=len(wrapped) > 0))
+    for ddp in wrapped:
+        # The pipeline schedule syncs through these (micro-batches under no_sync, then the
+        # data-parallel reduce and the tied-embedding sum on the main gradients).
+        ddp.config.no_sync_func = wrapped[0].no_sync if len(wrapped) == 1 else \
+            [w.no_sync for w in wrapped]
+        ddp.config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
         adam_beta2=cfg.betas[1], adam_eps=cfg.eps, clip_grad=cfg.clip_grad, bf16=bf16,
-        use_distributed_optimizer=cfg.distributed_optimizer), [ddp])
+        use_distributed_optimizer=cfg.distributed_optimizer), wrapped)
     for group in optimizer.param_groups:
         # megatron's scheduler sets each group's decay from its multiplier every step; the
         # loop sets only the learning rate, so the multiplier is applied once here.
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
-    return ddp, optimizer
+    return (wrapped[0] if len(wrapped) == 1 else ModelChunks(wrapped)), optimizer
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float],
@@ -139,6 +147,10 @@ def bare(model: torch.nn.Module) -> torch.nn.Module:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.transformer.module import Float16Module
 
+    from factory.train.chunks import ModelChunks
+
+    if isinstance(model, ModelChunks):
+        return ModelChunks([bare(chunk) for chunk in model])
     while isinstance(model, (DistributedDataParallel, Float16Module)):
         model = model.module
     return model

@@ -33,6 +33,8 @@ def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
         add_bias_linear=False, add_qkv_bias=False,
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=(
+            parallel_state.get_virtual_pipeline_model_parallel_world_size()),
         # On GPU megatron's torch.compile'd SwiGLU and bias-dropout-add (same math, fewer
         # memory passes); the softmax, norm and gradient fusions need apex/TE.
         bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
@@ -64,8 +66,9 @@ def _causal_mask(s: int, device) -> torch.Tensor:
     return torch.ones(s, s, dtype=torch.bool, device=device).triu(1)[None, None]
 
 
-def build_gpt(cfg: ModelConfig, **runtime) -> LlamaGPTModel:
-    """A fresh Llama-style GPTModel; forward(input_ids, position_ids, attention_mask, labels)."""
+def build_gpt(cfg: ModelConfig, vp_stage: int | None = None, **runtime) -> LlamaGPTModel:
+    """A fresh Llama-style GPTModel; forward(input_ids, position_ids, attention_mask, labels).
+    vp_stage: which of this pipeline rank's model chunks (interleaved schedule)."""
     if cfg.family != "gpt":
         raise ValueError(f"build_gpt needs family gpt, got {cfg.family!r}")
     return LlamaGPTModel(
@@ -76,5 +79,8 @@ def build_gpt(cfg: ModelConfig, **runtime) -> LlamaGPTModel:
         # HF's rotate_half RoPE is megatron's non-interleaved one (rotary_interleaved=False).
         position_embedding_type="rope", rotary_base=cfg.rotary_base, rotary_percent=1.0,
         share_embeddings_and_output_weights=cfg.tie_embeddings, parallel_output=True,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage())
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                            vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                           vp_stage=vp_stage),
+        vp_stage=vp_stage)

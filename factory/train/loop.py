@@ -167,8 +167,9 @@ def _pipeline_size() -> int:
 def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
                                cfg: LoopConfig, n_tokens: torch.Tensor, device: torch.device
                                ) -> torch.Tensor:
-    """Forward and backward of every micro-batch through megatron's 1F1B pipeline schedule;
-    the step's summed loss on every pipeline rank (only the last stage computes it).
+    """Forward and backward of every micro-batch through megatron's 1F1B pipeline schedule
+    (interleaved over the model chunks when there are several); the step's summed loss on
+    every pipeline rank (only the last stage computes it).
 
     Every rank holds the same micro-batches: the first stage reads the tokens, the last the
     labels and loss mask, the stages between receive activations from the previous one.
@@ -189,9 +190,12 @@ def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, tor
 
         return out, loss
 
+    from factory.train.chunks import chunks_of
+
+    chunks = chunks_of(model)      # interleaved: each chunk reads the micro-batches in order
     stored = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-        num_microbatches=len(micro), seq_length=cfg.seq_length,
+        forward_step_func=forward_step, data_iterator=[iter(micro) for _ in chunks],
+        model=chunks, num_microbatches=len(micro), seq_length=cfg.seq_length,
         micro_batch_size=cfg.micro_batch_size, forward_only=False)
     loss_sum = torch.stack([s["loss_sum"] for s in stored]).sum() if stored else \
         torch.zeros((), device=device)

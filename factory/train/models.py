@@ -129,15 +129,18 @@ def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
     """
     import torch
 
-    runtime = runtime_settings(recompute)
+    from megatron.core import parallel_state
+
+    from factory.train.chunks import ModelChunks
+
     if cfg.family == "bert":
-        from factory.train.bert import build_bert
-
-        model = build_bert(cfg, **runtime)
+        from factory.train.bert import build_bert as build
     else:
-        from factory.train.gpt import build_gpt
-
-        model = build_gpt(cfg, **runtime)
+        from factory.train.gpt import build_gpt as build
+    runtime = runtime_settings(recompute)
+    chunks = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    model = build(cfg, **runtime) if chunks is None else \
+        ModelChunks([build(cfg, vp_stage=i, **runtime) for i in range(chunks)])
     # megatron puts its own layers on the GPU; modules of ours (BERT's token-type
     # embeddings, for one) are created on the CPU and follow here.
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model

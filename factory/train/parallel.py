@@ -20,6 +20,7 @@ from factory.train import cpu_patches
 class Layout:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    virtual_pipeline: int = 1       # model chunks per pipeline rank (interleaved schedule)
 
     def data_parallel(self, world_size: int) -> int:
         mp = self.tensor_parallel * self.pipeline_parallel
@@ -46,9 +47,13 @@ def layout_problems(layout: Layout, family: str, num_attention_heads: int,
     if groups % tp:
         problems.append(f"parallel.tensor {tp} must divide the {groups} query groups "
                         "(model.num_query_groups)")
-    if pp > 1 and num_layers is not None and num_layers % pp:
-        problems.append(f"parallel.pipeline {pp} must divide the {num_layers} layers "
-                        "(model.num_layers)")
+    vpp = layout.virtual_pipeline
+    if vpp > 1 and pp == 1:
+        problems.append(f"parallel.virtual_pipeline {vpp} needs parallel.pipeline > 1")
+    elif pp > 1 and num_layers is not None and num_layers % (pp * vpp):
+        what = f"parallel.pipeline {pp}" if vpp == 1 else \
+            f"parallel.pipeline x virtual_pipeline = {pp} x {vpp} = {pp * vpp}"
+        problems.append(f"{what} must divide the {num_layers} layers (model.num_layers)")
     return problems
 
 
@@ -79,16 +84,19 @@ def init(layout: Layout = Layout(), seed: int = 1234, solo: bool = False) -> Non
             # A lone process needs no rendezvous: an in-memory store cannot collide on a port
             # (a TCP store did, with checkpoint-saver children still holding an old socket).
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    vpp = layout.virtual_pipeline if layout.virtual_pipeline > 1 else None
     if parallel_state.model_parallel_is_initialized() and (
             parallel_state.get_tensor_model_parallel_world_size() != layout.tensor_parallel or
-            parallel_state.get_pipeline_model_parallel_world_size() != layout.pipeline_parallel):
+            parallel_state.get_pipeline_model_parallel_world_size() != layout.pipeline_parallel
+            or parallel_state.get_virtual_pipeline_model_parallel_world_size() != vpp):
         # Another layout in the same process (tests, a library user): rebuild the groups.
         parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         layout.data_parallel(dist.get_world_size())
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_parallel,
-            pipeline_model_parallel_size=layout.pipeline_parallel)
+            pipeline_model_parallel_size=layout.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=vpp)
     model_parallel_cuda_manual_seed(seed)
 
 

@@ -132,7 +132,8 @@ class PretrainStage(Stage):
         from factory.train.parallel import Layout
 
         p = self.config.parallel
-        return Layout(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline)
+        return Layout(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
+                      virtual_pipeline=p.virtual_pipeline)
 
     def fingerprint(self) -> dict[str, str]:
         if self.config.strategy != "continued" or not self.config.base:

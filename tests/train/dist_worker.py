@@ -71,6 +71,24 @@ def import_logits(spec: dict) -> None:
         torch.save(out, spec["out"])
 
 
+def layers(spec: dict) -> None:
+    """Build the model of a manifest's layout; write the global layer numbers each of this
+    rank's model chunks holds to spec["out"]-RANK.json."""
+    import torch.distributed as dist
+
+    from factory.train import parallel
+    from factory.train.chunks import chunks_of
+    from factory.train.models import ModelConfig, build_model
+    from factory.train.stage import PretrainStage
+    from tests.train.conftest import pretrain_stage
+
+    stage: PretrainStage = pretrain_stage(spec.get("family", "bert"), *spec["overrides"])
+    parallel.init(stage._layout())
+    model = build_model(ModelConfig(family="gpt", **spec["dims"]))
+    held = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in chunks_of(model)]
+    Path(f"{spec['out']}-{dist.get_rank()}.json").write_text(json.dumps(held))
+
+
 if __name__ == "__main__":
     plan = json.loads(Path(sys.argv[1]).read_text())
     inputs = {"vocab": Path(plan["vocab"]), "pack": Path(plan["pack"])}
@@ -79,5 +97,7 @@ if __name__ == "__main__":
             train(job, inputs)
         elif job["kind"] == "import":
             import_logits(job)
+        elif job["kind"] == "layers":
+            layers(job)
         else:
             logits(job)

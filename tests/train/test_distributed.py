@@ -56,6 +56,47 @@ def _launch_killed_then_rerun(plan: dict, attempt: Path, tmp_path: Path,
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+def _run_single(tmp_path: Path, family: str, inputs: dict[str, Path], *overrides: str) -> None:
+    """The one-process reference run, into tmp_path/single."""
+    from factory.stage import MemoryLog, StageContext
+
+    (tmp_path / "single").mkdir()
+    pretrain_stage(family, *overrides).run(StageContext(out=tmp_path / "single", inputs=inputs,
+                                                        log=MemoryLog()))
+
+
+def _assert_trains_like_single(tmp_path: Path, names: tuple[str, ...], loss_abs: float = 1e-5,
+                               norm_rel: float = 1e-4) -> list[float]:
+    """Each run under tmp_path/NAME has the losses and grad norms of tmp_path/single."""
+    reference = _losses(tmp_path / "single")
+    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
+    norms = [r["grad_norm"] for r in _rows(tmp_path / "single")]
+    for name in names:
+        assert _losses(tmp_path / name) == pytest.approx(reference, abs=loss_abs), name
+        assert [r["grad_norm"] for r in _rows(tmp_path / name)] == pytest.approx(
+            norms, rel=norm_rel), name
+    return reference
+
+
+def _assert_reads_back_whole(tmp_path: Path, family: str, vocab: int, name: str) -> None:
+    """The checkpoint of tmp_path/NAME (written with pipeline stages) read back into one PP=1
+    model gives the logits of tmp_path/single's."""
+    import torch
+
+    from factory.train import parallel
+    from factory.train.export import load_checkpoint_model
+
+    parallel.init()
+    ids, mask = probe_batch(vocab)
+    args = (ids, mask) if family == "bert" else \
+        (ids, torch.arange(ids.shape[1]).expand_as(ids), None)
+    with torch.no_grad():
+        ours, theirs = (load_checkpoint_model(tmp_path / n).eval()(*args)
+                        for n in ("single", name))
+    assert ours.abs().max() > 1.0
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
 def _losses(out: Path) -> list[float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
@@ -79,13 +120,10 @@ def _logits(pretrain: Path):
 def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inputs, tmp_path):
     import torch
 
-    from factory.stage import MemoryLog, StageContext
 
     # One process, TP=1: the reference.
+    _run_single(tmp_path, "bert", bert_inputs, *COMMON)
     single = tmp_path / "single"
-    single.mkdir()
-    pretrain_stage("bert", *COMMON).run(StageContext(out=single, inputs=bert_inputs,
-                                                    log=MemoryLog()))
     reference = _losses(single)
 
     # Launch 1: a TP=2 run, a DP=2 run, the TP=1 checkpoint loaded at TP=2, then a second TP=2
@@ -170,14 +208,14 @@ def _rows(out: Path) -> list[dict]:
         if path.exists() else []
 
 
-def _tiny_llama_base(folder: Path, vocab: int):
-    """A 2-layer HF Llama (GQA, tied embeddings) with `vocab` rows, saved to `folder`."""
+def _tiny_llama_base(folder: Path, vocab: int, layers: int = 2):
+    """A HF Llama (GQA, tied embeddings) with `vocab` rows, saved to `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(11)
     LlamaForCausalLM(LlamaConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=96, vocab_size=vocab, max_position_embeddings=64, rms_norm_eps=1e-5,
         tie_word_embeddings=True, initializer_range=0.05)).save_pretrained(folder)
 
@@ -188,20 +226,14 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
     (the first stage's embedding and the last stage's output layer kept equal) exactly like one
     process, its checkpoint reads back whole at PP=1, and a SIGKILLed PP=2 run resumes
     exactly."""
-    import torch
 
-    from factory.stage import MemoryLog, StageContext
-    from factory.train import data, parallel
-    from factory.train.export import load_checkpoint_model
+    from factory.train import data
 
     vocab = data.load_tokenizer(gpt_inputs["vocab"] / "tokenizer").vocab_size
     _tiny_llama_base(tmp_path / "llama", vocab)
     overrides = [*COMMON, "strategy=continued", f"base.path={tmp_path / 'llama'}",
                  "model.size=null", "tokenizer=null"]
-    single = tmp_path / "single"
-    single.mkdir()
-    pretrain_stage("gpt", *overrides).run(StageContext(out=single, inputs=gpt_inputs,
-                                                      log=MemoryLog()))
+    _run_single(tmp_path, "gpt", gpt_inputs, *overrides)
     # Launch 1: a PP=2 run, one with the megatron engine (its DDP buffers, the tied-embedding
     # sum in finalize_model_grads), then one SIGKILLed (with its launch) after checkpoint 4.
     attempt = tmp_path / "attempt"
@@ -213,28 +245,13 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
                           (attempt, []))]}
     _launch_killed_then_rerun(plan, attempt, tmp_path)
 
-    reference, pp2 = _losses(single), _losses(tmp_path / "pp2")
-    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
-    assert pp2 == pytest.approx(reference, abs=1e-5)
-    assert _losses(tmp_path / "pp2_megatron") == pytest.approx(reference, abs=1e-5)
-    norms = [[r["grad_norm"] for r in _rows(tmp_path / name)]
-             for name in ("single", "pp2", "pp2_megatron")]
-    assert norms[1] == pytest.approx(norms[0], rel=1e-4)
-    assert norms[2] == pytest.approx(norms[0], rel=1e-4)
+    _assert_trains_like_single(tmp_path, ("pp2", "pp2_megatron"))
     extra = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints" / "iter_0000012" /
                                     "extra").iterdir())
     assert extra == ["rank00000.pt", "rank00001.pt"]
-    assert _losses(attempt) == pytest.approx(pp2, abs=1e-6)     # resumed after the kill
-
-    # Both stages' shards read back into one PP=1 model give the one-process model's logits.
-    parallel.init()
-    ids = probe_batch(vocab)[0]
-    pos = torch.arange(ids.shape[1]).expand_as(ids)
-    with torch.no_grad():
-        ours, theirs = (load_checkpoint_model(tmp_path / name).eval()(ids, pos, None)
-                        for name in ("single", "pp2"))
-    assert ours.abs().max() > 1.0
-    assert (ours - theirs).abs().max().item() < 1e-4
+    # Resumed after the kill.
+    assert _losses(attempt) == pytest.approx(_losses(tmp_path / "pp2"), abs=1e-6)
+    _assert_reads_back_whole(tmp_path, "gpt", vocab, "pp2")
 
 
 @pytest.mark.slow  # two 2-process launches: about 35 s on 2 cores
@@ -245,10 +262,7 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     resumes in one process too (resharded DP2 -> DP1)."""
     from factory.stage import MemoryLog, StageContext
 
-    single = tmp_path / "single"
-    single.mkdir()
-    pretrain_stage("bert", *COMMON).run(StageContext(out=single, inputs=bert_inputs,
-                                                    log=MemoryLog()))
+    _run_single(tmp_path, "bert", bert_inputs, *COMMON)
     megatron = [*COMMON, "parallel.engine=megatron", "parallel.ddp_bucket_size=20000"]
     attempt = tmp_path / "attempt"
     plan = {"vocab": str(bert_inputs["vocab"]), "pack": str(bert_inputs["pack"]), "jobs": [
@@ -257,7 +271,7 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
                           (attempt, []))]}
     _launch_killed_then_rerun(plan, attempt, tmp_path, keep=tmp_path / "attempt_dp1")
 
-    reference, dp2 = _losses(single), _losses(tmp_path / "dp2")
+    reference, dp2 = _losses(tmp_path / "single"), _losses(tmp_path / "dp2")
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
     assert dp2 == pytest.approx(reference, abs=1e-5)
     assert _losses(tmp_path / "tp2") == pytest.approx(reference, abs=1e-4)
@@ -277,13 +291,13 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
 
 
 def _tiny_bert_base(folder: Path, vocab: int):
-    """A 2-layer HF BertForMaskedLM with `vocab` rows, saved to `folder`."""
+    """A 4-layer HF BertForMaskedLM with `vocab` rows, saved to `folder`."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(13)
     BertForMaskedLM(BertConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
         intermediate_size=96, max_position_embeddings=512, initializer_range=0.05,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).save_pretrained(folder)
 
@@ -291,41 +305,61 @@ def _tiny_bert_base(folder: Path, vocab: int):
 @pytest.mark.slow  # one 2-process launch: about 30 s on 2 cores
 def test_bert_pipeline_parallel_matches_one_process(bert_inputs, tmp_path):
     """PP=2 for the HF-exact BERT (embeddings on the first stage, the MLM head and the tied
-    decoder copy on the last), with either engine, trains a continued BERT like one process;
-    the two stages' shards read back into one PP=1 model give its logits."""
-    import torch
+    decoder copy on the last), with either engine and with two interleaved model chunks per
+    rank, trains a continued BERT like one process; the two stages' shards read back into one
+    PP=1 model give its logits."""
 
-    from factory.stage import MemoryLog, StageContext
-    from factory.train import data, parallel
-    from factory.train.export import load_checkpoint_model
+    from factory.train import data
 
     vocab = data.load_tokenizer(bert_inputs["vocab"] / "tokenizer").vocab_size
     _tiny_bert_base(tmp_path / "bert", vocab)
     overrides = [*COMMON, "strategy=continued", f"base.path={tmp_path / 'bert'}",
                  "model.size=null", "tokenizer=null", "parallel.pipeline=2"]
-    single = tmp_path / "single"
-    single.mkdir()
-    pretrain_stage("bert", *overrides[:-1]).run(StageContext(out=single, inputs=bert_inputs,
-                                                             log=MemoryLog()))
+    _run_single(tmp_path, "bert", bert_inputs, *overrides[:-1])
     plan = {"vocab": str(bert_inputs["vocab"]), "pack": str(bert_inputs["pack"]), "jobs": [
         {"kind": "train", "out": str(tmp_path / "pp2"), "overrides": overrides},
         {"kind": "train", "out": str(tmp_path / "pp2_megatron"),
-         "overrides": [*overrides, "parallel.engine=megatron"]}]}
+         "overrides": [*overrides, "parallel.engine=megatron"]},
+        {"kind": "train", "out": str(tmp_path / "vpp"),
+         "overrides": [*overrides, "parallel.virtual_pipeline=2"]}]}
     done = subprocess.run(_torchrun(plan, tmp_path / "plan.json"), cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    reference = _losses(single)
-    assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
-    for name in ("pp2", "pp2_megatron"):
-        assert _losses(tmp_path / name) == pytest.approx(reference, abs=1e-5), name
-        norms = [[r["grad_norm"] for r in _rows(tmp_path / n)] for n in ("single", name)]
-        assert norms[1] == pytest.approx(norms[0], rel=1e-4), name
+    _assert_trains_like_single(tmp_path, ("pp2", "pp2_megatron", "vpp"))
+    _assert_reads_back_whole(tmp_path, "bert", vocab, "pp2")
 
-    parallel.init()
-    ids, mask = probe_batch(vocab)
-    with torch.no_grad():
-        ours, theirs = (load_checkpoint_model(tmp_path / name).eval()(ids, mask)
-                        for name in ("single", "pp2"))
-    assert ours.abs().max() > 1.0
-    assert (ours - theirs).abs().max().item() < 1e-4
+
+@pytest.mark.slow  # two 2-process launches: about 60 s on 2 cores
+def test_interleaved_pipeline_matches_one_process_and_resumes(gpt_inputs, tmp_path):
+    """PP=2 with two model chunks per rank (megatron's interleaved 1F1B; a 4-layer GPT: rank 0
+    holds layers 0 and 2, rank 1 layers 1 and 3), with either engine, trains like one
+    process; SIGKILLed after checkpoint 4 it resumes exactly, and its chunked checkpoint reads
+    back whole at PP=1."""
+
+    from factory.train import data
+
+    vocab = data.load_tokenizer(gpt_inputs["vocab"] / "tokenizer").vocab_size
+    _tiny_llama_base(tmp_path / "llama", vocab, layers=4)
+    overrides = [*COMMON, "strategy=continued", f"base.path={tmp_path / 'llama'}",
+                 "model.size=null", "tokenizer=null"]
+    _run_single(tmp_path, "gpt", gpt_inputs, *overrides)
+    interleaved = [*overrides, "parallel.pipeline=2", "parallel.virtual_pipeline=2"]
+    attempt = tmp_path / "attempt"
+    plan = {"vocab": str(gpt_inputs["vocab"]), "pack": str(gpt_inputs["pack"]), "jobs": [
+        {"kind": "train", "family": "gpt", "out": str(out), "overrides": [*interleaved, *more]}
+        for out, more in ((tmp_path / "vpp", []),
+                          (tmp_path / "vpp_megatron", ["parallel.engine=megatron"]),
+                          (attempt, []))]}
+    dims = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
+                vocab_size=vocab, padded_vocab_size=vocab, max_position_embeddings=64)
+    plan["jobs"].insert(0, {"kind": "layers", "family": "gpt", "overrides": interleaved,
+                            "dims": dims, "out": str(tmp_path / "layers")})
+    _launch_killed_then_rerun(plan, attempt, tmp_path)
+    # The manifest's layout made chunks: virtual stage i * PP + r holds layer i * PP + r + 1.
+    held = [json.loads((tmp_path / f"layers-{r}.json").read_text()) for r in (0, 1)]
+    assert held == [[[1], [3]], [[2], [4]]]
+
+    _assert_trains_like_single(tmp_path, ("vpp", "vpp_megatron"))
+    assert _losses(attempt) == pytest.approx(_losses(tmp_path / "vpp"), abs=1e-6)
+    _assert_reads_back_whole(tmp_path, "gpt", vocab, "vpp")

@@ -36,6 +36,9 @@ def test_parallel_fields_are_validated():
 @pytest.mark.parametrize("overrides, message", [
     (("parallel.tensor=4",), "parallel.tensor 4 must divide the 2 attention heads"),
     (("parallel.pipeline=4",), "parallel.pipeline 4 must divide the 2 layers"),
+    (("parallel.virtual_pipeline=2",), "parallel.virtual_pipeline 2 needs parallel.pipeline > 1"),
+    (("parallel.pipeline=2", "parallel.virtual_pipeline=2"),
+     "parallel.pipeline x virtual_pipeline = 2 x 2 = 4 must divide the 2 layers"),
 ])
 def test_bad_layout_is_reported_by_check(overrides, message):
     problems = pretrain_stage("bert", *overrides).check()

@@ -107,16 +107,26 @@ def _family(cfg: ModelConfig):
 
 
 def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelConfig) -> None:
-    """Copy a HF checkpoint's weights into `model` (built from `cfg`, any TP), in place.
+    """Copy a HF checkpoint's weights into `model` (built from `cfg`, any TP/PP, with or
+    without interleaved model chunks), in place.
 
     Every model tensor must be covered except those the family may leave at their fresh
     initialisation (BERT's MLM head, when the checkpoint is a bare BertModel).
     """
+    from factory.train.chunks import ModelChunks, chunks_of
+
     hf_folder = Path(hf_folder)
     fam = _family(cfg)
-    converted, fresh_ok = fam.hf_to_megatron(read_safetensors(hf_folder), cfg, source=hf_folder)
-    converted = _pipeline_stage(converted, cfg)
-    converted = _tensor_parallel_shards(model, converted, cfg)
+    full, fresh_ok = fam.hf_to_megatron(read_safetensors(hf_folder), cfg, source=hf_folder)
+    interleaved = isinstance(model, ModelChunks)
+    for i, chunk in enumerate(chunks_of(model)):
+        converted = _pipeline_stage(full, cfg, vp_stage=i if interleaved else None)
+        _copy_into(chunk, _tensor_parallel_shards(chunk, converted, cfg), fresh_ok, hf_folder)
+    log.info("loaded %d tensors from %s", len(full), hf_folder)
+
+
+def _copy_into(model: torch.nn.Module, converted: dict[str, Tensor], fresh_ok: tuple,
+               hf_folder: Path) -> None:
     own = model.state_dict()
     problems = []
     with torch.no_grad():
@@ -135,14 +145,16 @@ def load_hf_into_megatron(model: torch.nn.Module, hf_folder: Path, cfg: ModelCon
                and not k.endswith("_extra_state") and not k.startswith(fresh_ok)]
     if missing:
         raise RuntimeError(f"conversion left model tensors unset: {missing[:5]}")
-    log.info("loaded %d tensors from %s", len(converted), hf_folder)
 
 
-def _pipeline_stage(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """This pipeline stage's tensors of a whole-model state dict, under its local names.
+def _pipeline_stage(full: dict[str, Tensor], cfg: ModelConfig, vp_stage: int | None = None
+                    ) -> dict[str, Tensor]:
+    """This pipeline stage's (or model chunk's) tensors of a whole-model state dict, under its
+    local names.
 
-    megatron splits the layers evenly (stage r holds layers r*n/pp .. (r+1)*n/pp - 1, numbered
-    from 0 on each stage); the embedding lives on the first stage, the final norm and output
+    megatron splits the layers evenly over the PP x V virtual stages; chunk i of pipeline rank
+    r is virtual stage i * PP + r (V = 1, i = 0 without interleaving), and its layers are
+    numbered from 0. The embedding lives on the first virtual stage, the final norm and output
     layer on the last. With tied embeddings the last stage holds its own copy of the word
     embedding as `output_layer.weight`.
     """
@@ -151,10 +163,13 @@ def _pipeline_stage(full: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tens
     if not parallel_state.model_parallel_is_initialized() or \
             parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return full
-    per_stage = cfg.num_layers // parallel_state.get_pipeline_model_parallel_world_size()
-    first = parallel_state.get_pipeline_model_parallel_rank() * per_stage
-    is_first = parallel_state.is_pipeline_first_stage()
-    is_last = parallel_state.is_pipeline_last_stage()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    chunks = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    per_stage = cfg.num_layers // (pp * chunks)
+    stage = (vp_stage or 0) * pp + parallel_state.get_pipeline_model_parallel_rank()
+    first = stage * per_stage
+    is_first = stage == 0
+    is_last = stage == pp * chunks - 1
     out = {}
     for key, value in full.items():
         m = re.match(r"(decoder|encoder)\.layers\.(\d+)\.(.+)", key)
