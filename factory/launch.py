@@ -90,10 +90,11 @@ def check_layout(loaded: "Loaded", nodes: int, gpus_per_node: int) -> Fit:
                         "the GPU count or the layout")
     dims = _model_dims(loaded)
     m = loaded.manifest
-    problems = layout_problems(Layout(tp, pp, m.parallel.virtual_pipeline), m.family,
-                               dims["num_attention_heads"], dims.get("num_query_groups"),
-                               dims.get("num_layers"))
     t = m.training
+    problems = layout_problems(
+        Layout(tp, pp, m.parallel.virtual_pipeline, m.parallel.sequence_parallel), m.family,
+        dims["num_attention_heads"], dims.get("num_query_groups"), dims.get("num_layers"),
+        t.seq_length)
     per_step = fit.data_parallel * t.micro_batch_size
     if t.global_batch_size % per_step:
         problems.append(f"training.global_batch_size {t.global_batch_size} is not a multiple of "

@@ -274,6 +274,10 @@ class Parallel(_Strict):
 
     tensor: int = Field(1, gt=0, description="Tensor-parallel size (must divide the heads)")
     pipeline: int = Field(1, gt=0, description="Pipeline-parallel size (must divide the layers)")
+    sequence_parallel: bool = Field(
+        False, description="With tensor > 1: norms, dropouts and residual adds hold 1/tensor "
+                           "of the sequence each (less activation memory); seq_length must "
+                           "divide by tensor")
     virtual_pipeline: int = Field(
         1, gt=0, description="Model chunks per pipeline rank (interleaved 1F1B: a smaller "
                              "pipeline bubble); pipeline x virtual_pipeline must divide the "

@@ -20,12 +20,13 @@ Everything here imports megatron.core at module level: import this module lazily
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.models.bert.bert_layer_specs import LNImpl, bert_layer_local_spec
+from megatron.core.models.bert.bert_layer_specs import bert_layer_local_spec
 from megatron.core.models.bert.bert_model import BertModel
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.tensor_parallel import ColumnParallelLinear, get_cuda_rng_tracker
@@ -39,6 +40,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.utils import make_viewless_tensor
 
 from factory.train.models import PADDED_VOCAB_BIAS, ModelConfig
+from factory.train.norms import Norm
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,21 @@ class ComputeDtypeBiasLinear(ColumnParallelLinear):
         return (out, bias) if skip else (out + bias, None)
 
 
+@contextlib.contextmanager
+def _lm_head_norm(norm):
+    """BertModel builds its MLM head's norm from bert_lm_head's module-level `LNImpl`, with no
+    spec to choose it; for the duration of one model's construction that name is the
+    factory's `Norm` (the same torch module, but it also runs under sequence parallel)."""
+    import megatron.core.models.bert.bert_lm_head as lm_head
+
+    saved = lm_head.LNImpl
+    lm_head.LNImpl = norm
+    try:
+        yield
+    finally:
+        lm_head.LNImpl = saved
+
+
 def post_ln_layer_spec() -> ModuleSpec:
     """bert_layer_local_spec's submodules in a PostLNTransformerLayer.
 
@@ -112,8 +129,8 @@ def post_ln_layer_spec() -> ModuleSpec:
     sub.self_attention.submodules.linear_qkv = ComputeDtypeBiasLinear
     sub.mlp.submodules.linear_fc1 = ComputeDtypeBiasLinear
     return ModuleSpec(module=PostLNTransformerLayer, submodules=TransformerLayerSubmodules(
-        input_layernorm=sub.input_layernorm, self_attention=sub.self_attention,
-        self_attn_bda=sub.self_attn_bda, pre_mlp_layernorm=sub.pre_mlp_layernorm,
+        input_layernorm=Norm, self_attention=sub.self_attention,
+        self_attn_bda=sub.self_attn_bda, pre_mlp_layernorm=Norm,
         mlp=sub.mlp, mlp_bda=sub.mlp_bda))
 
 
@@ -122,8 +139,8 @@ class HFBertEmbedding(LanguageModelEmbedding):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.layernorm = LNImpl(config=self.config, hidden_size=self.config.hidden_size,
-                                eps=self.config.layernorm_epsilon)
+        self.layernorm = Norm(config=self.config, hidden_size=self.config.hidden_size,
+                              eps=self.config.layernorm_epsilon)
 
     def forward(self, input_ids, position_ids, tokentype_ids=None):
         embeddings = self.word_embeddings(input_ids)  # [b, s, h]
@@ -155,15 +172,17 @@ class HFBertModel(BertModel):
         block = TransformerBlockSubmodules(
             layer_specs=[post_ln_layer_spec()] * get_num_layers_to_build(config, vp_stage),
             layer_norm=None)
-        super().__init__(config=config, num_tokentypes=num_tokentypes,
-                         transformer_layer_spec=block, vocab_size=vocab_size,
-                         max_sequence_length=max_sequence_length,
-                         pre_process=pre_process, post_process=post_process,
-                         vp_stage=vp_stage,
-                         # parallel_output=False breaks the training loss (an in-place op on
-                         # a gathered view); TP=1 logits are whole either way.
-                         parallel_output=True, share_embeddings_and_output_weights=True,
-                         position_embedding_type="learned_absolute", add_binary_head=False)
+        with _lm_head_norm(Norm):
+            super().__init__(config=config, num_tokentypes=num_tokentypes,
+                             transformer_layer_spec=block, vocab_size=vocab_size,
+                             max_sequence_length=max_sequence_length,
+                             pre_process=pre_process, post_process=post_process,
+                             vp_stage=vp_stage,
+                             # parallel_output=False breaks the training loss (an in-place op
+                             # on a gathered view); TP=1 logits are whole either way.
+                             parallel_output=True, share_embeddings_and_output_weights=True,
+                             position_embedding_type="learned_absolute",
+                             add_binary_head=False)
         if self.pre_process:
             self.embedding = HFBertEmbedding(config=config, vocab_size=vocab_size,
                                              max_sequence_length=max_sequence_length,
@@ -190,7 +209,10 @@ class HFBertModel(BertModel):
         if tokentype_ids is None and self.pre_process and \
                 self.embedding.tokentype_embeddings is not None:
             tokentype_ids = torch.zeros_like(input_ids)
-        if lm_labels is not None and loss_mask is not None and self.post_process:
+        # Under sequence parallel each rank holds a slice of the sequence and megatron's
+        # output layer gathers it: the head then runs over every position (the same loss).
+        if lm_labels is not None and loss_mask is not None and self.post_process and \
+                not self.config.sequence_parallel:
             return self._masked_lm_loss(input_ids, attention_mask, tokentype_ids, lm_labels,
                                         loss_mask)
         out = super().forward(input_ids, attention_mask, tokentype_ids=tokentype_ids,

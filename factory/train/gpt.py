@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from factory.train.attention import with_core_attention
 from factory.train.models import ModelConfig
+from factory.train.norms import Norm
 
 
 def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
@@ -71,10 +76,14 @@ def build_gpt(cfg: ModelConfig, vp_stage: int | None = None, **runtime) -> Llama
     vp_stage: which of this pipeline rank's model chunks (interleaved schedule)."""
     if cfg.family != "gpt":
         raise ValueError(f"build_gpt needs family gpt, got {cfg.family!r}")
+    config = transformer_config(cfg, **runtime)
+    layer = with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    layer.submodules.input_layernorm = layer.submodules.pre_mlp_layernorm = Norm
     return LlamaGPTModel(
-        config=transformer_config(cfg, **runtime),
-        transformer_layer_spec=with_core_attention(
-            get_gpt_layer_local_spec(normalization="RMSNorm")),
+        config=config,
+        # This stage's (or chunk's) layers and the final norm, all with the factory's norm.
+        transformer_layer_spec=TransformerBlockSubmodules(
+            layer_specs=[layer] * get_num_layers_to_build(config, vp_stage), layer_norm=Norm),
         vocab_size=cfg.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
         # HF's rotate_half RoPE is megatron's non-interleaved one (rotary_interleaved=False).
         position_embedding_type="rope", rotary_base=cfg.rotary_base, rotary_percent=1.0,

@@ -149,6 +149,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
         _, grad_norm, _ = optimizer.step()
         return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": float(grad_norm)}
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    _sum_sequence_parallel_grads(params)
     if dp_group is not None:
         all_reduce_grads(params, dp_group)
     grad_norm = clip_grad_norm(params, cfg.clip_grad)
@@ -220,6 +221,18 @@ def _sync_shared_embeddings(model: torch.nn.Module) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad, group=group)
+
+
+def _sum_sequence_parallel_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sequence parallel: a norm (or row-parallel bias) sees 1/TP of the sequence on each
+    tensor-parallel rank, so its gradient there is a part; sum the parts (megatron's
+    `_allreduce_non_tensor_model_parallel_grads` does this for the megatron engine)."""
+    from megatron.core import parallel_state
+
+    marked = [p for p in params if getattr(p, "sequence_parallel", False)]
+    if not marked or parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    all_reduce_grads(marked, parallel_state.get_tensor_model_parallel_group())
 
 
 def autocast(precision: str, device: torch.device):

@@ -122,10 +122,12 @@ def pad_vocab(size: int, multiple: int = VOCAB_MULTIPLE) -> int:
     return -(-size // multiple) * multiple
 
 
-def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
+def build_model(cfg: ModelConfig, recompute: str = "none", sequence_parallel: bool = False
+                ) -> torch.nn.Module:
     """A fresh fp32 megatron-core model; `factory.train.parallel.init()` must have run.
 
-    recompute changes training memory and compute, not the function: see `runtime_settings`.
+    recompute and sequence_parallel change training memory, compute and communication, not
+    the function: see `runtime_settings`.
     """
     import torch
 
@@ -137,7 +139,7 @@ def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
         from factory.train.bert import build_bert as build
     else:
         from factory.train.gpt import build_gpt as build
-    runtime = runtime_settings(recompute)
+    runtime = runtime_settings(recompute, sequence_parallel)
     chunks = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     model = build(cfg, **runtime) if chunks is None else \
         ModelChunks([build(cfg, vp_stage=i, **runtime) for i in range(chunks)])
@@ -146,22 +148,27 @@ def build_model(cfg: ModelConfig, recompute: str = "none") -> torch.nn.Module:
     return model.to(torch.cuda.current_device()) if torch.cuda.is_available() else model
 
 
-def runtime_settings(recompute: str = "none") -> dict[str, Any]:
-    """TransformerConfig fields that trade memory for compute.
+def runtime_settings(recompute: str = "none", sequence_parallel: bool = False
+                     ) -> dict[str, Any]:
+    """TransformerConfig fields that trade memory for compute or communication.
 
     recompute (Megatron-LM's --recompute-granularity): `selective` recomputes core attention
     (softmax, dropout) in backward instead of storing it; `full` stores only each layer's
     input and recomputes the layer. Dropout masks are replayed from megatron's RNG tracker,
-    so the losses do not move.
+    so the losses do not move. sequence_parallel (--sequence-parallel, with tensor parallel):
+    the norms, dropouts and residual adds between the tensor-parallel blocks hold 1/TP of the
+    sequence each (factory/train/norms.py); their parameters' gradients are summed over the
+    tensor-parallel ranks after backward.
     """
-    if recompute == "none":
-        return {}
+    out: dict[str, Any] = {"sequence_parallel": sequence_parallel}
     if recompute == "selective":
-        return {"recompute_granularity": "selective"}
-    if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform",
-                "recompute_num_layers": 1}
-    raise ValueError(f"recompute must be none, selective or full, not {recompute!r}")
+        out["recompute_granularity"] = "selective"
+    elif recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform",
+                   recompute_num_layers=1)
+    elif recompute != "none":
+        raise ValueError(f"recompute must be none, selective or full, not {recompute!r}")
+    return out
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -21,6 +21,7 @@ class Layout:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int = 1       # model chunks per pipeline rank (interleaved schedule)
+    sequence_parallel: bool = False     # a model setting, checked with the layout
 
     def data_parallel(self, world_size: int) -> int:
         mp = self.tensor_parallel * self.pipeline_parallel
@@ -31,8 +32,8 @@ class Layout:
 
 
 def layout_problems(layout: Layout, family: str, num_attention_heads: int,
-                    num_query_groups: int | None = None, num_layers: int | None = None
-                    ) -> list[str]:
+                    num_query_groups: int | None = None, num_layers: int | None = None,
+                    seq_length: int | None = None) -> list[str]:
     """What is wrong with `layout` for a model, as manifest-field lines (empty when fine).
 
     Checked before any weight is loaded: megatron would otherwise fail deep inside a layer
@@ -47,6 +48,12 @@ def layout_problems(layout: Layout, family: str, num_attention_heads: int,
     if groups % tp:
         problems.append(f"parallel.tensor {tp} must divide the {groups} query groups "
                         "(model.num_query_groups)")
+    if layout.sequence_parallel and tp == 1:
+        problems.append("parallel.sequence_parallel needs parallel.tensor > 1 (it splits the "
+                        "sequence over the tensor-parallel ranks)")
+    elif layout.sequence_parallel and seq_length is not None and seq_length % tp:
+        problems.append(f"parallel.sequence_parallel: training.seq_length {seq_length} must "
+                        f"divide by parallel.tensor {tp}")
     vpp = layout.virtual_pipeline
     if vpp > 1 and pp == 1:
         problems.append(f"parallel.virtual_pipeline {vpp} needs parallel.pipeline > 1")

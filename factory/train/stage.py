@@ -126,14 +126,16 @@ class PretrainStage(Stage):
                          ) -> list[str]:
         from factory.train.parallel import layout_problems
 
-        return layout_problems(self._layout(), self.config.family, heads, groups, layers)
+        return layout_problems(self._layout(), self.config.family, heads, groups, layers,
+                               self.config.training.seq_length)
 
     def _layout(self):
         from factory.train.parallel import Layout
 
         p = self.config.parallel
         return Layout(tensor_parallel=p.tensor, pipeline_parallel=p.pipeline,
-                      virtual_pipeline=p.virtual_pipeline)
+                      virtual_pipeline=p.virtual_pipeline,
+                      sequence_parallel=p.sequence_parallel)
 
     def fingerprint(self) -> dict[str, str]:
         if self.config.strategy != "continued" or not self.config.base:
@@ -187,7 +189,7 @@ class PretrainStage(Stage):
         parallel.barrier()
         resume_step = checkpoint.latest_step(ckpt_root)
 
-        model = build_model(model_cfg, t.recompute)
+        model = build_model(model_cfg, t.recompute, c.parallel.sequence_parallel)
         n_params = sum(p.numel() for p in model.parameters())    # tied weights count once
         log.info("%s model: %.2fM parameters on this rank (tensor parallel %d, data parallel "
                  "%d)", c.family, n_params / 1e6, layout.tensor_parallel, dp)

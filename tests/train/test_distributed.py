@@ -133,6 +133,8 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
         {"kind": "train", "out": str(tmp_path / "tp2"), "overrides": [*COMMON,
                                                                       "parallel.tensor=2"]},
         {"kind": "train", "out": str(tmp_path / "dp2"), "overrides": list(COMMON)},
+        {"kind": "train", "out": str(tmp_path / "tp2_sp"),
+         "overrides": [*COMMON, "parallel.tensor=2", "parallel.sequence_parallel=true"]},
         {"kind": "logits", "pretrain": str(single), "tensor": 2,
          "out": str(tmp_path / "tp1_at_tp2.pt")},
         {"kind": "import", "hf": str(tmp_path / "llama"), "tensor": 2,
@@ -146,13 +148,16 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
 
     tp2, dp2 = _losses(tmp_path / "tp2"), _losses(tmp_path / "dp2")
     assert tp2 == pytest.approx(reference, abs=1e-4)
+    assert _losses(tmp_path / "tp2_sp") == pytest.approx(reference, abs=1e-4)
     assert dp2 == pytest.approx(reference, abs=1e-5)
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
     # The grad norm counts each parameter once across TP ranks (clipping is active: norm > 1).
     norms = {name: [r["grad_norm"] for r in _rows(tmp_path / name)]
-             for name in ("single", "tp2", "dp2")}
+             for name in ("single", "tp2", "dp2", "tp2_sp")}
     assert max(norms["single"]) > 1.0
     assert norms["tp2"] == pytest.approx(norms["single"], rel=1e-3)
+    # Sequence parallel: each norm's gradient is summed over the two sequence halves.
+    assert norms["tp2_sp"] == pytest.approx(norms["single"], rel=1e-3)
     assert norms["dp2"] == pytest.approx(norms["single"], rel=1e-4)
     # Checkpoints are collective: one extra file per rank, one model folder.
     extra = sorted(p.name for p in (tmp_path / "tp2" / "checkpoints" / "iter_0000012" /
@@ -242,10 +247,13 @@ def test_pipeline_parallel_matches_one_process(gpt_inputs, tmp_path):
          "overrides": [*overrides, "parallel.pipeline=2", *more]}
         for out, more in ((tmp_path / "pp2", []),
                           (tmp_path / "pp2_megatron", ["parallel.engine=megatron"]),
+                          (tmp_path / "tp2_sp", ["parallel.pipeline=1", "parallel.tensor=2",
+                                                 "parallel.sequence_parallel=true"]),
                           (attempt, []))]}
     _launch_killed_then_rerun(plan, attempt, tmp_path)
 
     _assert_trains_like_single(tmp_path, ("pp2", "pp2_megatron"))
+    _assert_trains_like_single(tmp_path, ("tp2_sp",), loss_abs=1e-4, norm_rel=1e-3)
     extra = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints" / "iter_0000012" /
                                     "extra").iterdir())
     assert extra == ["rank00000.pt", "rank00001.pt"]
@@ -267,19 +275,23 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     attempt = tmp_path / "attempt"
     plan = {"vocab": str(bert_inputs["vocab"]), "pack": str(bert_inputs["pack"]), "jobs": [
         {"kind": "train", "out": str(out), "overrides": [*megatron, *more]}
-        for out, more in ((tmp_path / "tp2", ["parallel.tensor=2"]), (tmp_path / "dp2", []),
-                          (attempt, []))]}
+        for out, more in ((tmp_path / "tp2", ["parallel.tensor=2"]),
+                          (tmp_path / "tp2_sp", ["parallel.tensor=2",
+                                                 "parallel.sequence_parallel=true"]),
+                          (tmp_path / "dp2", []), (attempt, []))]}
     _launch_killed_then_rerun(plan, attempt, tmp_path, keep=tmp_path / "attempt_dp1")
 
     reference, dp2 = _losses(tmp_path / "single"), _losses(tmp_path / "dp2")
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
     assert dp2 == pytest.approx(reference, abs=1e-5)
     assert _losses(tmp_path / "tp2") == pytest.approx(reference, abs=1e-4)
+    assert _losses(tmp_path / "tp2_sp") == pytest.approx(reference, abs=1e-4)
     norms = [[r["grad_norm"] for r in _rows(tmp_path / name)]
-             for name in ("single", "dp2", "tp2")]
+             for name in ("single", "dp2", "tp2", "tp2_sp")]
     assert max(norms[0]) > 1.0                                  # clipping was active
     assert norms[1] == pytest.approx(norms[0], rel=1e-4)
     assert norms[2] == pytest.approx(norms[0], rel=1e-3)        # each TP shard counted once
+    assert norms[3] == pytest.approx(norms[0], rel=1e-3)
     last = tmp_path / "dp2" / "checkpoints" / "iter_0000012"
     assert (last / "optimizer" / "metadata.json").is_file()
     assert _losses(attempt) == pytest.approx(dp2, abs=1e-6)     # resumed after the kill

@@ -37,6 +37,9 @@ def test_parallel_fields_are_validated():
     (("parallel.tensor=4",), "parallel.tensor 4 must divide the 2 attention heads"),
     (("parallel.pipeline=4",), "parallel.pipeline 4 must divide the 2 layers"),
     (("parallel.virtual_pipeline=2",), "parallel.virtual_pipeline 2 needs parallel.pipeline > 1"),
+    (("parallel.sequence_parallel=true",), "parallel.sequence_parallel needs parallel.tensor > 1"),
+    (("parallel.tensor=2", "parallel.sequence_parallel=true", "training.seq_length=63"),
+     "training.seq_length 63 must divide by parallel.tensor 2"),
     (("parallel.pipeline=2", "parallel.virtual_pipeline=2"),
      "parallel.pipeline x virtual_pipeline = 2 x 2 = 4 must divide the 2 layers"),
 ])
