@@ -20,8 +20,9 @@ time limit loses nothing already measured):
                   at the first shape (OUT_DIR/bert_profile.txt).
   pretrain_stage  with --inputs (the vocab/ and pack/ of `factory run domains/biomedical.yaml
                   --scale smoke --until pack`): the real pretrain stage on the GPU (precision
-                  auto -> bf16, attention auto -> SDPA), 40 steps; then a resume from its
-                  step-30 checkpoint, whose losses are compared with the uninterrupted run's.
+                  auto -> bf16, attention auto -> SDPA), 40 steps, per engine in
+                  STAGE_ENGINES (default torch and megatron); then a resume from its step-30
+                  checkpoint, whose losses are compared with the uninterrupted run's.
 GPU_CHECK_SECTIONS=bert_base,... runs only those sections. DRY_RUN=1 runs every section on
 CPU at toy sizes (checks this script without a GPU).
 """
@@ -257,13 +258,21 @@ def _profile(step, steps: int = 2):
 
 
 def pretrain_stage(results: dict, inputs: Path, work: Path) -> None:
-    """The real stage, then a resume from its step-30 checkpoint."""
+    """The real stage per engine in STAGE_ENGINES (default both), then a resume from its
+    step-30 checkpoint."""
+    for name in os.environ.get("STAGE_ENGINES", "torch megatron").split():
+        results[name] = {}
+        _pretrain_stage(results[name], inputs, work / name, name)
+
+
+def _pretrain_stage(results: dict, inputs: Path, work: Path, engine_name: str) -> None:
     from factory import manifest
     from factory.stage import StageContext
     from factory.train import checkpoint
     from factory.train.stage import PretrainStage
 
-    loaded = manifest.load(REPO / "domains" / "biomedical.yaml", scale="smoke")
+    loaded = manifest.load(REPO / "domains" / "biomedical.yaml", scale="smoke",
+                           overrides=[f"parallel.engine={engine_name}"])
     stage = PretrainStage.from_manifest(loaded)
     ins = {"vocab": inputs / "vocab", "pack": inputs / "pack"}
     first = work / "uninterrupted"
@@ -291,7 +300,7 @@ def pretrain_stage(results: dict, inputs: Path, work: Path) -> None:
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(rows, again, strict=True)]
     results["resume"] = {"from_step": resume_from, "max_abs_loss_diff": max(diffs),
                          "max_abs_loss_diff_after_resume": max(diffs[resume_from:])}
-    log.info("pretrain stage: %s", results)
+    log.info("pretrain stage (%s engine): %s", engine_name, results)
 
 
 def main() -> int:

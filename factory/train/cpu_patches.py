@@ -1,7 +1,9 @@
 """The runtime patches megatron-core 0.16.1 needs on a machine without CUDA.
 
 They live here and nowhere else, and apply only when CUDA is absent, so the GPU path runs
-megatron unmodified. Facts behind each line: ../shared/MEGATRON_CPU.md ("Patches").
+megatron unmodified. Facts behind each line: ../shared/MEGATRON_CPU.md ("Patches"); those for
+the megatron engine (its optimizer, DDP buffers, `Tensor.type`) were found one failure at a
+time by tests/train/test_engine.py, which fails without any of them.
 """
 
 from __future__ import annotations
@@ -35,8 +37,6 @@ def apply() -> bool:
     # Tied embeddings across pipeline stages: megatron moves the last stage's copy with
     # `weight.data.cuda()` before all-reducing it (language_module.py).
     torch.Tensor.cuda = lambda self, *a, **k: self
-    # The pipeline schedules allocate their token counter with device="cuda" (0.16.1,
-    # schedules.py); everything else there goes through torch.cuda.current_device().
     # Modules that allocate with device="cuda" (0.16.1): the pipeline schedules' token
     # counter; megatron's optimizer (found-inf and overflow buffers), its grad-norm helpers
     # and the DDP grad buffers (engine megatron). Everything else goes through
