@@ -136,6 +136,9 @@ def test_torchrun_dry_run_is_one_machine(tmp_path):
     (["parallel.tensor=3"], 1, "does not divide 1 node(s) x 8 GPU(s) = 8"),
     (["parallel.tensor=16"], 2, "parallel.tensor 16 must divide the 12 attention heads"),
     (["parallel.pipeline=8"], 1, "parallel.pipeline 8 must divide the 12 layers"),
+    (["parallel.pipeline=4", "parallel.virtual_pipeline=2"], 1,
+     "parallel.pipeline x virtual_pipeline = 4 x 2 = 8 must divide the 12 layers"),
+    (["parallel.sequence_parallel=true"], 1, "parallel.sequence_parallel needs parallel.tensor > 1"),
     (["training.micro_batch_size=2048"], 1, "global_batch_size 8192 is not a multiple of "
      "data-parallel size 8 x micro_batch_size 2048"),
 ])

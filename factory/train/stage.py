@@ -182,6 +182,8 @@ class PretrainStage(Stage):
         if writer:
             (ctx.out / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
             ctx.log.params({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
+            # The manifest holds tensor/pipeline sizes; data parallel is what torchrun gave.
+            ctx.log.params({"layout.world_size": world, "layout.data_parallel": dp})
 
         ckpt_root = ctx.out / "checkpoints"
         if writer:

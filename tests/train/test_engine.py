@@ -92,9 +92,11 @@ def test_megatron_engine_bf16_stage_exports(gpt_inputs, tmp_path):
             out=tmp_path / "refused", inputs=gpt_inputs, log=MemoryLog()))
     out = tmp_path / "pretrain"
     out.mkdir()
+    log = MemoryLog()
     metrics = pretrain_stage("gpt", *overrides, "parallel.engine=megatron").run(
-        StageContext(out=out, inputs=gpt_inputs, log=MemoryLog()))
+        StageContext(out=out, inputs=gpt_inputs, log=log))
     assert metrics["final_loss"] < metrics["first_loss"]
+    assert log.param_values["layout.data_parallel"] == 1       # tracked with the run
     last = out / "checkpoints" / "iter_0000006"
     extra = torch.load(last / "extra" / "rank00000.pt", weights_only=True)
     assert extra["engine"] == "megatron" and extra["optimizer"] is None
