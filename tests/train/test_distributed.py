@@ -345,9 +345,9 @@ def test_bert_pipeline_parallel_matches_one_process(bert_inputs, tmp_path):
 @pytest.mark.slow  # two 2-process launches: about 60 s on 2 cores
 def test_interleaved_pipeline_matches_one_process_and_resumes(gpt_inputs, tmp_path):
     """PP=2 with two model chunks per rank (megatron's interleaved 1F1B; a 4-layer GPT: rank 0
-    holds layers 0 and 2, rank 1 layers 1 and 3), with either engine, trains like one
-    process; SIGKILLed after checkpoint 4 it resumes exactly, and its chunked checkpoint reads
-    back whole at PP=1."""
+    holds layers 1 and 3, rank 1 layers 2 and 4), with either engine, trains like one
+    process; SIGKILLed after checkpoint 4 (megatron engine: a DDP and an optimizer state over
+    two chunks) it resumes exactly, and its chunked checkpoint reads back whole at PP=1."""
 
     from factory.train import data
 
@@ -362,7 +362,7 @@ def test_interleaved_pipeline_matches_one_process_and_resumes(gpt_inputs, tmp_pa
         {"kind": "train", "family": "gpt", "out": str(out), "overrides": [*interleaved, *more]}
         for out, more in ((tmp_path / "vpp", []),
                           (tmp_path / "vpp_megatron", ["parallel.engine=megatron"]),
-                          (attempt, []))]}
+                          (attempt, ["parallel.engine=megatron"]))]}
     dims = dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96,
                 vocab_size=vocab, padded_vocab_size=vocab, max_position_embeddings=64)
     plan["jobs"].insert(0, {"kind": "layers", "family": "gpt", "overrides": interleaved,
@@ -373,5 +373,5 @@ def test_interleaved_pipeline_matches_one_process_and_resumes(gpt_inputs, tmp_pa
     assert held == [[[1], [3]], [[2], [4]]]
 
     _assert_trains_like_single(tmp_path, ("vpp", "vpp_megatron"))
-    assert _losses(attempt) == pytest.approx(_losses(tmp_path / "vpp"), abs=1e-6)
+    assert _losses(attempt) == pytest.approx(_losses(tmp_path / "vpp_megatron"), abs=1e-6)
     _assert_reads_back_whole(tmp_path, "gpt", vocab, "vpp")
