@@ -18,15 +18,16 @@ def _bert(seed: int):
         hidden_dropout=0.0, attention_dropout=0.0))
 
 
-def _steps(model, optimizer, ds, engine_name: str, precision: str = "fp32", n: int = 4):
+def _steps(model, optimizer, ds, engine_name: str, precision: str = "fp32",
+           steps: range = range(1, 5)):
     from factory.train import loop
     from factory.train.schedule import LRSchedule
 
-    cfg = loop.LoopConfig(family="bert", total_steps=n, global_batch_size=16,
+    cfg = loop.LoopConfig(family="bert", total_steps=4, global_batch_size=16,
                           micro_batch_size=4, seq_length=64, clip_grad=1.0,
-                          schedule=LRSchedule(lr=2e-3, total_steps=n, warmup_steps=1),
+                          schedule=LRSchedule(lr=2e-3, total_steps=4, warmup_steps=1),
                           weight_decay=0.1, engine=engine_name, precision=precision)
-    return [loop.train_step(model, optimizer, ds, cfg, step=s) for s in range(1, n + 1)]
+    return [loop.train_step(model, optimizer, ds, cfg, step=s) for s in steps]
 
 
 def test_megatron_engine_matches_torch_engine(bert_inputs, tmp_path):
@@ -154,3 +155,31 @@ def test_activation_recompute_keeps_the_losses(family, tmp_path, request):
                         for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert losses["selective"] == pytest.approx(losses["none"], abs=1e-6)
     assert losses["full"] == pytest.approx(losses["none"], abs=1e-6)
+
+
+@pytest.mark.parametrize("distributed, precision", [(False, "fp32"), (False, "bf16"),
+                                                    (True, "bf16")])
+def test_megatron_engine_checkpoint_resumes_exactly(bert_inputs, tmp_path, distributed,
+                                                    precision):
+    """Each of megatron's optimizers (FP32Optimizer, Float16OptimizerWithFloat16Params, the
+    distributed one) saved at step 2 and loaded into a differently initialised model continues
+    with the uninterrupted run's steps 3-4: main weights, Adam moments and step count come
+    back."""
+    from factory.train import checkpoint, data, engine, parallel
+
+    parallel.init(seed=7)
+    tok = data.load_tokenizer(bert_inputs["vocab"] / "tokenizer")
+    ds = data.build_train_dataset("bert", bert_inputs["pack"], tok, 64, 64, 7, tmp_path / "d")
+    settings = dict(name="megatron", precision=precision, distributed_optimizer=distributed,
+                    lr=2e-3, weight_decay=0.1)
+    model, opt = engine.build(_bert(3), engine.EngineConfig(**settings))
+    _steps(model, opt, ds, "megatron", precision, range(1, 3))
+    checkpoint.save(tmp_path / "ckpt", 2, model, opt, consumed_samples=32)
+    later = _steps(model, opt, ds, "megatron", precision, range(3, 5))
+
+    other, other_opt = engine.build(_bert(4), engine.EngineConfig(**settings))
+    checkpoint.load(tmp_path / "ckpt", 2, other, other_opt)
+    resumed = _steps(other, other_opt, ds, "megatron", precision, range(3, 5))
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in later], abs=1e-6)
+    assert [r["grad_norm"] for r in resumed] == pytest.approx(
+        [r["grad_norm"] for r in later], rel=1e-6)
