@@ -23,8 +23,8 @@ from factory.train.norms import Norm
 
 
 def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:
-    """The architecture of `cfg`; `runtime`: models.runtime_settings (recompute), which
-    changes memory and compute, not the function."""
+    """The architecture of `cfg`; `runtime`: models.runtime_settings (recompute, sequence
+    parallel), which change memory, compute and communication, not the function."""
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         **runtime,
