@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """model.json + newest checkpoint -> BertForMaskedLM / LlamaForCausalLM folder.
 
-        Convert only folders you trust: megatron's dist_checkpointing reads the checkpoint's
-        metadata with torch.distributed.checkpoint, which unpickles it."""
+        The checkpoint's index (`.metadata`, a pickle torch would load as is) is checked
+        first and refused if it holds anything but checkpoint records."""
         from factory.train.convert.folders import megatron_to_hf as convert
 
         summary = convert(src, dst, tokenizer)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from factory.stage import UserError
-from factory.train import engine
+from factory.train import dcp_metadata, engine
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ def load(root: Path, step: int, model: torch.nn.Module,
             raise UserError(f"{folder}: written by parallel.engine {saved}, this run uses "
                             f"{here}; resume with engine {saved} or delete the pretrain "
                             "output folder to start over")
+    dcp_metadata.check(folder / "model")
     try:
         state = dist_checkpointing.load(net.sharded_state_dict(), str(folder / "model"))
         net.load_state_dict(state)
@@ -177,6 +178,7 @@ def load(root: Path, step: int, model: torch.nn.Module,
         else:
             # no_grad: with fp32 parameters the distributed optimizer's main weights are
             # views of them, which a plain copy_ may not write into.
+            dcp_metadata.check(folder / "optimizer")
             try:
                 with torch.no_grad():
                     engine.prepare_to_load(optimizer)

@@ -113,6 +113,9 @@ def load_checkpoint(model: torch.nn.Module, folder: Path) -> None:
     """Model weights only (no optimizer, no RNG) from a dist_checkpointing folder."""
     from megatron.core import dist_checkpointing
 
+    from factory.train import dcp_metadata
+
+    dcp_metadata.check(folder)
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
         model.load_state_dict(state)

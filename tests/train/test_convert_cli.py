@@ -48,6 +48,25 @@ def test_llama_round_trip_through_the_cli_is_exact(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").encode("the cell") == \
         AutoTokenizer.from_pretrained(base).encode("the cell")
 
+    # A Megatron folder from someone else whose checkpoint index would run code when torch
+    # unpickles it: refused before loading, and the code never runs.
+    import pickle
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(meg, bad)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    index = bad / "checkpoints" / "iter_0000000" / "model" / ".metadata"
+    index.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UserError, match=r"\.metadata: refers to io\.open"):
+        megatron_to_hf(bad, tmp_path / "hf_bad")
+    assert not marker.exists() and not (tmp_path / "hf_bad").exists()
+
 
 def test_unsupported_architecture_is_one_line_before_weights(tmp_path):
     src = tmp_path / "gpt2"
