@@ -282,11 +282,12 @@ class Parallel(_Strict):
         1, gt=0, description="Model chunks per pipeline rank (interleaved 1F1B: a smaller "
                              "pipeline bubble); pipeline x virtual_pipeline must divide the "
                              "layers")
-    engine: Literal["torch", "megatron"] = Field(
-        "torch", description="torch: fp32 weights, torch AdamW, bf16 autocast, one gradient "
+    engine: Literal["auto", "torch", "megatron"] = Field(
+        "auto", description="torch: fp32 weights, torch AdamW, bf16 autocast, one gradient "
         "all-reduce after backward. megatron: megatron-core DDP (bucketed reduce overlapped "
         "with backward) and optimizer (bf16 weights with fp32 main weights, distributed "
-        "optimizer)")
+        "optimizer). auto: megatron on GPUs with data parallel > 1 (and for bf16 on CPU), "
+        "torch otherwise; a resumed run keeps its checkpoint's engine")
     distributed_optimizer: bool | None = Field(
         None, description="engine megatron: shard main weights and Adam state over the "
                           "data-parallel ranks (default true)")
@@ -299,7 +300,7 @@ class Parallel(_Strict):
 
     @model_validator(mode="after")
     def _engine_options(self):
-        if self.engine == "torch":
+        if self.engine != "megatron":
             given = [f for f in ("distributed_optimizer", "overlap_grad_reduce",
                                  "ddp_bucket_size") if getattr(self, f) is not None]
             if given:

@@ -7,7 +7,8 @@ Layout (pretrain/ contract):
     checkpoints/iter_NNNNNNN/optimizer/         engine megatron: its optimizer's sharded state
                                                 (fp32 main weights, Adam moments)
     checkpoints/iter_NNNNNNN/extra/rank00000.pt engine torch: the optimizer; both: RNG states,
-                                                step, consumed samples, engine
+                                                step, consumed samples, engine, model-parallel
+                                                layout
     checkpoints/latest.txt                      the newest complete step
 
 A checkpoint is written into `.tmp_iter_NNNNNNN`, renamed when whole, and only then named in
@@ -121,7 +122,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.O
         dist_checkpointing.save(optimizer.sharded_state_dict(
             net.sharded_state_dict(), metadata=OPTIMIZER_FORMAT), str(tmp / "optimizer"))
     extra = {"step": step, "consumed_samples": consumed_samples, "phase": phase,
-             "engine": "megatron" if megatron else "torch",
+             "engine": "megatron" if megatron else "torch", "layout": _layout(model),
              "optimizer": None if megatron else optimizer.state_dict(), "rng": rng_states()}
     _write(tmp / "extra" / f"rank{rank:05d}.pt", lambda f: torch.save(extra, f))
     _barrier()
@@ -148,24 +149,25 @@ def prune(root: Path, keep_steps: set[int]) -> None:
 def load(root: Path, step: int, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model, optimizer and RNG states of checkpoint `step`; returns the extra dict."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     folder = iter_dir(root, step)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    extra_path = folder / "extra" / f"rank{rank:05d}.pt"
     net = engine.bare(model)
-    try:
-        extra = torch.load(extra_path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, KeyError, ValueError) as e:
-        raise _unreadable(folder, e) from None
+    extra = _extra(folder)
     if optimizer is not None:
         saved = extra.get("engine", "torch")
         here = "megatron" if engine.is_megatron(optimizer) else "torch"
         if saved != here:
             raise UserError(f"{folder}: written by parallel.engine {saved}, this run uses "
-                            f"{here}; resume with engine {saved} or delete the pretrain "
-                            "output folder to start over")
+                            f"{here}; resume with engine {saved} (or auto) or delete the "
+                            "pretrain output folder to start over")
+        layout = _layout(model)
+        if extra.get("layout", layout) != layout:
+            raise UserError(
+                f"{folder}: written at {_describe(extra['layout'])}, this run is "
+                f"{_describe(layout)}; its optimizer state cannot change the model-parallel "
+                "layout (data parallel may change): resume with the same parallel.tensor / "
+                "pipeline / virtual_pipeline, or delete the pretrain output folder")
     dcp_metadata.check(folder / "model")
     try:
         state = dist_checkpointing.load(net.sharded_state_dict(), str(folder / "model"))
@@ -190,6 +192,41 @@ def load(root: Path, step: int, model: torch.nn.Module,
                 raise _unreadable(folder, e) from None
     set_rng_states(extra["rng"])
     return extra
+
+
+def _layout(model: torch.nn.Module) -> dict[str, int]:
+    """The model-parallel layout this rank's optimizer state is cut for."""
+    from megatron.core import parallel_state
+
+    from factory.train.chunks import chunks_of
+
+    if not parallel_state.model_parallel_is_initialized():
+        return {"tensor": 1, "pipeline": 1, "virtual_pipeline": 1}
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "virtual_pipeline": len(chunks_of(engine.bare(model)))}
+
+
+def _describe(layout: dict[str, int]) -> str:
+    return (f"tensor {layout['tensor']} / pipeline {layout['pipeline']} / virtual_pipeline "
+            f"{layout['virtual_pipeline']}")
+
+
+def engine_of(root: Path, step: int) -> str:
+    """The engine (torch or megatron) that wrote checkpoint `step`."""
+    return _extra(iter_dir(root, step)).get("engine", "torch")
+
+
+def _extra(folder: Path) -> dict[str, Any]:
+    """This rank's extra record of a checkpoint folder (step, data position, RNG states)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        return torch.load(folder / "extra" / f"rank{rank:05d}.pt", map_location="cpu",
+                          weights_only=True)
+    except (OSError, RuntimeError, KeyError, ValueError) as e:
+        raise _unreadable(folder, e) from None
 
 
 def _unreadable(folder: Path, e: Exception) -> UserError:

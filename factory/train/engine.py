@@ -1,6 +1,8 @@
 """The training engine: who reduces gradients over data-parallel ranks and who updates weights.
 
-torch (default): fp32 weights, torch AdamW (fused on GPU), bf16 as torch autocast, gradients
+`parallel.engine: auto` (the default) picks one per run (resolve).
+
+torch: fp32 weights, torch AdamW (fused on GPU), bf16 as torch autocast, gradients
 all-reduced in one coalesced call after the last micro-batch (loop.all_reduce_grads), the
 clipping norm computed by the loop. Measured on an H200 (BENCHMARKS.md).
 
@@ -39,6 +41,27 @@ class EngineConfig:
     bucket_size: int | None = None
 
 
+def resolve(name: str, *, cuda: bool, data_parallel: int, precision: str,
+            saved: str | None = None) -> Literal["torch", "megatron"]:
+    """The engine `parallel.engine` names; `auto` (the default) picks one per run.
+
+    auto: a resumed run keeps the engine its checkpoint was written by (their optimizer
+    states differ), so moving a run to fewer GPUs never strands it. Otherwise megatron on
+    GPUs with data parallel > 1, where its bucketed reduce overlapped with backward and its
+    sharded optimizer state pay; megatron for bf16 without CUDA, which only it can run; torch
+    elsewhere (one GPU: the engine measured on the H200, BENCHMARKS.md).
+    """
+    if name != "auto":
+        return name
+    if saved is not None:
+        return saved
+    if cuda and data_parallel > 1:
+        return "megatron"
+    if precision == "bf16" and not cuda:
+        return "megatron"
+    return "torch"
+
+
 def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
     """(model to train, optimizer) for a bare megatron model whose weights are loaded."""
     if cfg.name == "torch":
@@ -48,8 +71,10 @@ def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, A
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.transformer.module import Float16Module
 
+    from factory.train import multi_tensor
     from factory.train.chunks import ModelChunks, chunks_of
 
+    multi_tensor.install()
     bf16 = cfg.precision == "bf16"
     wrapped = []
     for chunk in chunks_of(model):
@@ -130,7 +155,9 @@ def load_state(optimizer: Any, state: dict) -> None:
     Without apex/TE, megatron's distributed optimizer keeps the step in its param groups and
     hands the same `step` tensor to every parameter's state, which torch's foreach AdamW then
     increments once per parameter; the per-parameter copy it loads is the fresh optimizer's
-    (prepare_to_load). Each parameter gets its own tensor holding the group's step.
+    (prepare_to_load). Each parameter gets its own tensor holding the group's step, placed
+    as torch's own load would place it: fused and capturable AdamW read the step on the
+    parameter's device (a CPU step beside CUDA parameters fails in the fused kernel).
     """
     optimizer.load_state_dict(state)
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
@@ -138,9 +165,12 @@ def load_state(optimizer: Any, state: dict) -> None:
         for group in inner.param_groups:
             if "step" not in group:
                 continue
+            on_device = group.get("fused") or group.get("capturable")
             for p in group["params"]:
                 if p in inner.state:
-                    inner.state[p]["step"] = torch.tensor(float(group["step"]))
+                    inner.state[p]["step"] = torch.tensor(
+                        float(group["step"]), dtype=torch.float32,
+                        device=p.device if on_device else "cpu")
 
 
 def is_megatron(optimizer: Any) -> bool:

@@ -143,9 +143,6 @@ class PretrainStage(Stage):
         return {"base_weights": file_digest(_weights(Path(self.config.base)))}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-
-        import torch
-
         from factory.train import checkpoint, data, engine, loop, parallel
         from factory.train.models import build_model
 
@@ -163,11 +160,7 @@ class PretrainStage(Stage):
             raise UserError(f"training.global_batch_size {t.global_batch_size} must be a "
                             f"multiple of micro_batch_size x data-parallel size = "
                             f"{t.micro_batch_size} x {dp}")
-        if t.precision == "bf16" and c.parallel.engine == "torch" and \
-                not torch.cuda.is_available():
-            raise UserError("training.precision bf16: with parallel.engine torch it needs a "
-                            "GPU (on CPU megatron-core's linear layers have no autocast "
-                            "backward); use parallel.engine megatron, or precision auto/fp32")
+        self._refuse_bf16_without_cuda(self._engine(dp, saved=None))    # before any work
         parallel.init(layout, seed=t.seed)
         writer = loop.is_writer()
         tokenizer = data.load_tokenizer(ctx.inputs["vocab"] / "tokenizer")
@@ -179,17 +172,21 @@ class PretrainStage(Stage):
                                          model_cfg.num_query_groups, model_cfg.num_layers)
         if problems:
             raise UserError("; ".join(problems))
-        if writer:
-            (ctx.out / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
-            ctx.log.params({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
-            # The manifest holds tensor/pipeline sizes; data parallel is what torchrun gave.
-            ctx.log.params({"layout.world_size": world, "layout.data_parallel": dp})
 
         ckpt_root = ctx.out / "checkpoints"
         if writer:
             checkpoint.sweep_incomplete(ckpt_root)
         parallel.barrier()
         resume_step = checkpoint.latest_step(ckpt_root)
+        engine_name = self._engine(dp, None if resume_step is None
+                                   else checkpoint.engine_of(ckpt_root, resume_step))
+        self._refuse_bf16_without_cuda(engine_name)
+        if writer:
+            (ctx.out / "model.json").write_text(json.dumps(model_cfg.to_dict(), indent=2) + "\n")
+            ctx.log.params({f"model.{k}": v for k, v in model_cfg.to_dict().items()})
+            # The manifest holds tensor/pipeline sizes; data parallel is what torchrun gave.
+            ctx.log.params({"layout.world_size": world, "layout.data_parallel": dp,
+                            "layout.engine": engine_name})
 
         model = build_model(model_cfg, t.recompute, c.parallel.sequence_parallel)
         n_params = sum(p.numel() for p in model.parameters())    # tied weights count once
@@ -199,7 +196,7 @@ class PretrainStage(Stage):
             from factory.train.convert import load_hf_into_megatron
 
             load_hf_into_megatron(model, base, model_cfg)
-        cfg = self._loop_config(model_cfg)
+        cfg = self._loop_config(model_cfg, engine_name)
         model, optimizer = engine.build(model, engine.config_of(
             cfg.engine, cfg.precision, t, c.parallel))
         plan = self._blend_plan(ctx, pack_dir, writer)
@@ -352,7 +349,27 @@ class PretrainStage(Stage):
             hidden_dropout=c.hidden_dropout, attention_dropout=c.attention_dropout,
             **({"layernorm_epsilon": GPT_LAYERNORM_EPSILON} if c.family == "gpt" else {}))
 
-    def _loop_config(self, model_cfg: "ModelConfig | None" = None):
+    def _engine(self, data_parallel: int, saved: str | None) -> str:
+        import torch
+
+        from factory.train import engine
+
+        return engine.resolve(self.config.parallel.engine, cuda=torch.cuda.is_available(),
+                              data_parallel=data_parallel,
+                              precision=self._loop_config().precision, saved=saved)
+
+    def _refuse_bf16_without_cuda(self, engine_name: str) -> None:
+        import torch
+
+        if self.config.training.precision == "bf16" and engine_name == "torch" and \
+                not torch.cuda.is_available():
+            raise UserError("training.precision bf16: with parallel.engine torch it needs a "
+                            "GPU (on CPU megatron-core's linear layers have no autocast "
+                            "backward); use parallel.engine megatron or auto, or precision "
+                            "auto/fp32")
+
+    def _loop_config(self, model_cfg: "ModelConfig | None" = None,
+                     engine_name: str = "torch"):
         import torch
 
         from factory.train.loop import LoopConfig, flops_per_token
@@ -377,7 +394,7 @@ class PretrainStage(Stage):
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay, clip_grad=t.clip_grad,
             checkpoint_interval=t.checkpoint_interval, precision=precision,
-            engine=c.parallel.engine, flops_per_token=flops)
+            engine=engine_name, flops_per_token=flops)
 
 
 def _dropout(value: float | None, strategy: str) -> float | None:

@@ -3,7 +3,8 @@ the factory's megatron-core models against Hugging Face twins of the same dimens
 
 Every runner is a zero-argument function doing one full training step (forward, backward,
 clip, AdamW) on fixed synthetic data; `time_interleaved` runs them in turns, step by step, so
-load from other processes hits them alike, and reports medians.
+load from other processes hits them alike, and reports medians. `host_reads` counts how
+often a step reads a device value back (benchmarks/host_syncs.py).
 """
 
 from __future__ import annotations
@@ -172,3 +173,49 @@ def _attention(backend: str):
             os.environ.pop("FACTORY_ATTENTION")
         else:
             os.environ["FACTORY_ATTENTION"] = old
+
+
+def host_reads(fn: Callable[[], object]) -> int:
+    """Device values `fn` reads back: `_local_scalar_dense` calls, plus the tensors inside a
+    list given to `torch.tensor` (each one read back, on a GPU one copy each, but inside the
+    constructor, where a dispatch mode does not see them). Not counted: megatron's RNG
+    tracker comparing CPU generator states after each fork, host tensors on a GPU too."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    count = 0
+
+    def host_only() -> bool:
+        return any(f.filename.endswith("tensor_parallel/random.py")
+                   for f in traceback.extract_stack(limit=6))
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            if func is torch.ops.aten._local_scalar_dense.default and not host_only():
+                count += 1
+            return func(*args, **(kwargs or {}))
+
+    def tensors_in(data) -> int:
+        if isinstance(data, torch.Tensor):
+            return 1
+        if isinstance(data, (list, tuple)):
+            return sum(tensors_in(x) for x in data)
+        return 0
+
+    new_tensor = torch.tensor
+
+    def tensor(data, *args, **kwargs):
+        nonlocal count
+        if isinstance(data, (list, tuple)):
+            count += tensors_in(data)
+        return new_tensor(data, *args, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        with Count():
+            fn()
+    finally:
+        torch.tensor = new_tensor
+    return count

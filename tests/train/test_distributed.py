@@ -186,6 +186,26 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
     # The killed TP=2 run, rerun: the losses are the uninterrupted TP=2 run's.
     assert _losses(attempt) == pytest.approx(tp2, abs=1e-6)
 
+    # Its optimizer state is cut for TP=2: resumed in one process it is refused.
+    _assert_layout_change_refused(tmp_path / "tp2", bert_inputs, *COMMON)
+
+
+def _assert_layout_change_refused(out: Path, inputs: dict[str, Path], *overrides: str) -> None:
+    """A TP=2 run's folder resumed at TP=1 (one process): one clear error, no file changed
+    (the data cache may gain an index for the new layout)."""
+    from factory.stage import MemoryLog, StageContext, UserError
+
+    def files():
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    before = files()
+    with pytest.raises(UserError, match="written at tensor 2 / pipeline 1 / virtual_pipeline "
+                                        "1, this run is tensor 1 / pipeline 1"):
+        pretrain_stage("bert", *overrides).run(StageContext(out=out, inputs=inputs,
+                                                            log=MemoryLog()))
+    after = files()
+    assert [p.name for p, data in before.items() if after.get(p) != data] == []
+
 
 def _hf_bases(tmp_path: Path) -> dict:
     """A tiny HF Llama and BERT under tmp_path; their logits on the probe batch."""
@@ -300,6 +320,8 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     pretrain_stage("bert", *megatron).run(StageContext(
         out=tmp_path / "attempt_dp1", inputs=bert_inputs, log=MemoryLog()))
     assert _losses(tmp_path / "attempt_dp1") == pytest.approx(dp2, abs=1e-5)
+    # Not over tensor parallel: the TP=2 state resumed at TP=1 is refused.
+    _assert_layout_change_refused(tmp_path / "tp2", bert_inputs, *megatron)
 
 
 def _tiny_bert_base(folder: Path, vocab: int):

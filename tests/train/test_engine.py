@@ -89,15 +89,17 @@ def test_megatron_engine_bf16_stage_exports(gpt_inputs, tmp_path):
 
     overrides = ("training.steps=6", "training.checkpoint_interval=3", "training.precision=bf16")
     with pytest.raises(UserError, match="parallel.engine megatron"):
-        pretrain_stage("gpt", *overrides).run(StageContext(
+        pretrain_stage("gpt", *overrides, "parallel.engine=torch").run(StageContext(
             out=tmp_path / "refused", inputs=gpt_inputs, log=MemoryLog()))
     out = tmp_path / "pretrain"
     out.mkdir()
     log = MemoryLog()
-    metrics = pretrain_stage("gpt", *overrides, "parallel.engine=megatron").run(
+    # parallel.engine auto (the default) picks megatron for bf16 without CUDA.
+    metrics = pretrain_stage("gpt", *overrides).run(
         StageContext(out=out, inputs=gpt_inputs, log=log))
     assert metrics["final_loss"] < metrics["first_loss"]
     assert log.param_values["layout.data_parallel"] == 1       # tracked with the run
+    assert log.param_values["layout.engine"] == "megatron"
     last = out / "checkpoints" / "iter_0000006"
     extra = torch.load(last / "extra" / "rank00000.pt", weights_only=True)
     assert extra["engine"] == "megatron" and extra["optimizer"] is None
@@ -110,6 +112,55 @@ def test_megatron_engine_bf16_stage_exports(gpt_inputs, tmp_path):
     result = ExportStage(ExportConfig(family="gpt")).run(StageContext(
         out=export, inputs={"pretrain": out, "vocab": gpt_inputs["vocab"]}, log=MemoryLog()))
     assert result["step"] == 6 and result["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("name, cuda, dp, precision, saved, expected", [
+    ("auto", True, 8, "bf16", None, "megatron"),      # many GPUs: overlapped reduce, ZeRO-1
+    ("auto", True, 1, "bf16", None, "torch"),         # one GPU: the engine measured there
+    ("auto", False, 2, "fp32", None, "torch"),        # CPU
+    ("auto", False, 1, "bf16", None, "megatron"),     # bf16 without CUDA: only megatron can
+    ("auto", True, 1, "bf16", "megatron", "megatron"),  # a resumed run keeps its engine
+    ("auto", True, 8, "bf16", "torch", "torch"),
+    ("torch", True, 8, "bf16", None, "torch"),        # named engines are taken as named
+    ("megatron", False, 1, "fp32", "torch", "megatron"),
+])
+def test_auto_engine_resolution(name, cuda, dp, precision, saved, expected):
+    from factory.train import engine
+
+    assert engine.resolve(name, cuda=cuda, data_parallel=dp, precision=precision,
+                          saved=saved) == expected
+
+
+@pytest.mark.slow  # about 15 s
+def test_auto_engine_resumes_under_the_checkpoints_engine(bert_inputs, tmp_path):
+    """A run written by the megatron engine and resumed with engine auto (which alone would
+    pick torch here: CPU, fp32) continues under megatron, to the uninterrupted losses."""
+    import json
+    import shutil
+
+    from factory.stage import MemoryLog, StageContext
+    from tests.train.conftest import pretrain_stage
+
+    settings = ("training.steps=4", "training.checkpoint_interval=2")
+    ref = tmp_path / "reference"
+    ref.mkdir()
+    pretrain_stage("bert", *settings, "parallel.engine=megatron").run(
+        StageContext(out=ref, inputs=bert_inputs, log=MemoryLog()))
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    shutil.rmtree(out / "checkpoints" / "iter_0000004")
+    (out / "checkpoints" / "latest.txt").write_text("2\n")
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (out / "metrics.jsonl").write_text("".join(lines[:2]))
+
+    log = MemoryLog()
+    pretrain_stage("bert", *settings).run(StageContext(out=out, inputs=bert_inputs, log=log))
+    assert log.param_values["layout.engine"] == "megatron"
+    assert [s for s, _ in log.history if s is not None] == [1, 2, 3, 4]
+
+    def losses(folder):
+        return [json.loads(x)["loss"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert losses(out) == pytest.approx(losses(ref), abs=1e-6)
 
 
 def test_resuming_with_the_other_engine_is_refused(tmp_path):
@@ -183,3 +234,22 @@ def test_megatron_engine_checkpoint_resumes_exactly(bert_inputs, tmp_path, distr
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in later], abs=1e-6)
     assert [r["grad_norm"] for r in resumed] == pytest.approx(
         [r["grad_norm"] for r in later], rel=1e-6)
+
+
+def test_megatron_engine_step_reads_back_as_few_values_as_the_torch_engine(bert_inputs,
+                                                                           tmp_path):
+    """One training step (4 micro-batches, clipping) reads two device values back to the host
+    under either engine: the loss and the gradient norm. megatron's apex-less grad-norm
+    fallback alone would read one per gradient tensor (a GPU sync each)."""
+    from factory.train import data, engine, parallel
+    from factory.train.throughput import host_reads
+
+    parallel.init(seed=7)
+    tok = data.load_tokenizer(bert_inputs["vocab"] / "tokenizer")
+    ds = data.build_train_dataset("bert", bert_inputs["pack"], tok, 64, 64, 7, tmp_path)
+    reads = {}
+    for name in ("torch", "megatron"):
+        model, opt = engine.build(_bert(3), engine.EngineConfig(name=name, lr=2e-3))
+        _steps(model, opt, ds, name, steps=range(1, 2))
+        reads[name] = host_reads(lambda: _steps(model, opt, ds, name, steps=range(2, 3)))
+    assert reads == {"torch": 2, "megatron": 2}

@@ -130,7 +130,7 @@ def test_bf16_on_cpu_is_refused_before_any_work(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("CPU expectation")
-    stage = pretrain_stage("bert", "training.precision=bf16")
+    stage = pretrain_stage("bert", "training.precision=bf16", "parallel.engine=torch")
     with pytest.raises(UserError, match="training.precision bf16: with parallel.engine torch it "
                                         "needs a GPU"):
         stage.run(StageContext(out=tmp_path, inputs={"vocab": tmp_path, "pack": tmp_path},

@@ -1,0 +1,125 @@
+"""Host synchronisations per training step, per engine: how often the step reads a device
+value back to Python (`aten::_local_scalar_dense`, the op behind `.item()`, `float(t)` and
+`torch.tensor([t, ...])`). On a GPU each one waits for every kernel queued before it, so a
+launch-bound step (BERT-base on an H100/H200, BENCHMARKS.md) pays for each; counted on CPU,
+the count is the same as on a GPU.
+
+    python benchmarks/host_syncs.py                  # tiny BERT, 4 micro-batches of 8 x 128
+    python benchmarks/host_syncs.py --size base --steps 3
+
+Rows: `torch` (parallel.engine torch), `megatron` (the megatron engine as the factory runs
+it: megatron's optimizer with factory/train/multi_tensor.py's foreach norm and scale), and
+`megatron, its fallbacks` (megatron-core's own apex-less per-tensor helpers, what the engine
+ran before). Each row: syncs in one `loop.train_step`, gradient tensors, median step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+log = logging.getLogger("host_syncs")
+
+
+class SyntheticMaskedLM:
+    """loop.train_step's data source: fixed random BERT batches, 15% of positions masked."""
+
+    def __init__(self, vocab: int, seq: int, seed: int = 0):
+        self.vocab, self.seq, self.seed = vocab, seq, seed
+
+    def batch(self, start: int, count: int):
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed + start)
+        tokens = torch.randint(5, self.vocab, (count, self.seq), generator=g)
+        mask = (torch.rand(count, self.seq, generator=g) < 0.15).float()
+        return {"tokens": tokens, "labels": tokens.clone(), "loss_mask": mask,
+                "attention_mask": torch.ones(count, self.seq, dtype=torch.long),
+                "types": torch.zeros(count, self.seq, dtype=torch.long)}
+
+
+@contextlib.contextmanager
+def megatron_fallbacks():
+    """megatron-core's own per-tensor helpers in place of the foreach ones, for the duration."""
+    import megatron.core.optimizer.clip_grads as clip_grads
+    import megatron.core.optimizer.optimizer as optimizer
+    from megatron.core import utils
+
+    saved = (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
+             optimizer.multi_tensor_scale_impl)
+    clip_grads.l2_norm_impl = utils.local_multi_tensor_l2_norm
+    clip_grads.multi_tensor_scale_impl = optimizer.multi_tensor_scale_impl = \
+        utils.local_multi_tensor_scale
+    try:
+        yield
+    finally:
+        (clip_grads.l2_norm_impl, clip_grads.multi_tensor_scale_impl,
+         optimizer.multi_tensor_scale_impl) = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="tiny", help="BERT preset of factory/train/sizes.py")
+    ap.add_argument("--vocab", type=int, default=30522)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--accumulate", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=7, help="timed steps per row")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    import torch
+
+    from factory.train import engine, loop, parallel, throughput
+    from factory.train.models import ModelConfig, build_model, pad_vocab
+    from factory.train.schedule import LRSchedule
+    from factory.train.sizes import BERT_SIZES
+
+    torch.set_num_threads(args.threads)
+    parallel.init(seed=0)
+    cfg = ModelConfig(family="bert", vocab_size=args.vocab,
+                      padded_vocab_size=pad_vocab(args.vocab), max_position_embeddings=512,
+                      **BERT_SIZES[args.size])
+    data = SyntheticMaskedLM(args.vocab, args.seq)
+    rows = {}
+    for row, name, fallbacks in (("torch", "torch", False), ("megatron", "megatron", False),
+                                 ("megatron, its fallbacks", "megatron", True)):
+        torch.manual_seed(0)
+        model, optimizer = engine.build(build_model(cfg), engine.EngineConfig(name=name))
+        loop_cfg = loop.LoopConfig(
+            family="bert", total_steps=10**6, micro_batch_size=args.micro,
+            global_batch_size=args.micro * args.accumulate, seq_length=args.seq,
+            schedule=LRSchedule(lr=1e-4, total_steps=10**6, warmup_steps=0), engine=name)
+        steps = iter(range(1, 10**6))
+        with megatron_fallbacks() if fallbacks else contextlib.nullcontext():
+            loop.train_step(model, optimizer, data, loop_cfg, step=next(steps))   # warm-up
+            syncs = throughput.host_reads(lambda: loop.train_step(model, optimizer, data, loop_cfg,
+                                                        step=next(steps)))
+            times = []
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                loop.train_step(model, optimizer, data, loop_cfg, step=next(steps))
+                times.append(time.perf_counter() - t0)
+        tensors = sum(1 for p in engine.bare(model).parameters() if p.requires_grad)
+        rows[row] = {"syncs_per_step": syncs, "grad_tensors": tensors,
+                     "median_step_s": statistics.median(times)}
+        log.info("%-24s %4d syncs/step  (%d gradient tensors)  %8.1f ms/step", row, syncs,
+                 tensors, rows[row]["median_step_s"] * 1e3)
+    if args.json:
+        args.json.write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
+                                                   if k != "json"}, "rows": rows},
+                                        indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
