@@ -16,8 +16,10 @@ time limit loses nothing already measured):
   bert_base       BERT-base masked LM (vocab 30,522) at BERT_SHAPES (batch x sequence; default
                   128x128, 256x128 and 64x512: PubMedBERT's two phases): our step vs HF
                   BertForMaskedLM (SDPA attention), same dimensions, batch, bf16 autocast and
-                  AdamW, and our step under the megatron engine (bf16 parameters); profiles
-                  at the first shape (OUT_DIR/bert_profile.txt).
+                  AdamW, and our step under the megatron engine (bf16 parameters); at the
+                  first shape also our step on megatron's own linear and loss functions
+                  (A/B of factory/train/plain_tp.py) and profiles
+                  (OUT_DIR/bert_profile.txt).
   pretrain_stage  with --inputs (the vocab/ and pack/ of `factory run domains/biomedical.yaml
                   --scale smoke --until pack`): the real pretrain stage on the GPU (precision
                   auto -> bf16, attention auto -> SDPA), 40 steps, per engine in
@@ -208,9 +210,13 @@ def bert_base(results: dict, out_dir: Path) -> None:
                           max_position_embeddings=512,
                           **BERT_SIZES["smoke" if DRY else "base"])
         backends = ("sdpa",) if DRY else ("sdpa", "local")
-        runners = throughput.bert_runners(cfg, batch, seq, PRECISION, backends=backends,
-                                          full_head=True, megatron_engine="bf16",
-                                          extra={"fp32bias": _megatron_bias} if n == 0 else None)
+        runners = throughput.bert_runners(
+            cfg, batch, seq, PRECISION, backends=backends, full_head=True,
+            megatron_engine="bf16",
+            extra={"its-tp-ops": lambda model: None} if n == 0 else None)
+        if n == 0:
+            runners["megatron-its-tp-ops"] = throughput.on_megatron_tp_ops(
+                runners["megatron-its-tp-ops"])
         med = throughput.time_interleaved(runners, steps, warmup=3)
         res = results[shape] = {
             "batch": batch, "seq": seq, "step_s": med,
@@ -230,17 +236,6 @@ def bert_base(results: dict, out_dir: Path) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     (out_dir / "bert_profile.txt").write_text("\n".join(tables) + "\n")
-
-
-def _megatron_bias(model) -> None:
-    """The A side of ComputeDtypeBiasLinear: megatron's own bias add (fp32 under autocast)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear
-
-    from factory.train.bert import ComputeDtypeBiasLinear
-
-    for module in model.modules():
-        if type(module) is ComputeDtypeBiasLinear:
-            module.__class__ = ColumnParallelLinear
 
 
 def _profile(step, steps: int = 2):

@@ -39,6 +39,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.utils import make_viewless_tensor
 
+from factory.train import plain_tp
 from factory.train.models import PADDED_VOCAB_BIAS, ModelConfig
 from factory.train.norms import Norm
 
@@ -83,12 +84,15 @@ class ComputeDtypeBiasLinear(ColumnParallelLinear):
     autocast that is a bf16 product plus an fp32 parameter, which type promotion turns into an
     fp32 [s, b, 3h] (QKV) or [s, b, 4h] (fc1) tensor that the next op casts back: extra memory
     passes that made BERT-base steps slower than HF's on an H200 (BENCHMARKS.md). HF's
-    nn.Linear (addmm) stays in bf16, and so does this. Without autocast (fp32, every CPU run)
-    it is megatron's forward unchanged; parameter names and sharding are megatron's.
+    nn.Linear (addmm) stays in bf16, and so does this. Without autocast (fp32, every CPU run),
+    or where the layer runs as F.linear with its bias (factory/train/plain_tp.py: autocast
+    then fuses a bf16 bias into the GEMM), it is the forward it inherits; parameter names and
+    sharding are megatron's.
     """
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
-        if self.bias is None or not torch.is_autocast_enabled(input_.device.type):
+        if self.bias is None or not torch.is_autocast_enabled(input_.device.type) or \
+                (plain_tp.takes(self) and not self.skip_bias_add):
             return super().forward(input_, weight, runtime_gather_output)
         skip = self.skip_bias_add
         self.skip_bias_add = True
@@ -222,15 +226,19 @@ class HFBertModel(BertModel):
 
     def _masked_lm_loss(self, input_ids, attention_mask, tokentype_ids, lm_labels, loss_mask):
         h = _encode(self, input_ids, attention_mask, tokentype_ids)       # [s, b, h]
-        keep = loss_mask.transpose(0, 1).bool()                             # [s, b]
-        picked = h[keep].unsqueeze(1)                                       # [n, 1, h]
+        s, b = h.shape[:2]
+        # The one device value read back (on a GPU a sync): how many positions are masked.
+        # Integer indices then gather and scatter without another; boolean-mask indexing
+        # would read the mask back in each of forward, put-back and their two backwards.
+        where = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)   # [n] of s*b
+        picked = h.reshape(s * b, -1).index_select(0, where).unsqueeze(1)    # [n, 1, h]
         logits, _ = self.output_layer(self.lm_head(hidden_states=picked),
                                       weight=self.shared_embedding_or_output_weight())
-        labels = lm_labels.transpose(0, 1)[keep].unsqueeze(1)               # [n, 1]
+        labels = lm_labels.transpose(0, 1).reshape(-1).index_select(0, where).unsqueeze(1)
         per_pos = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-        loss = torch.zeros(keep.shape, dtype=per_pos.dtype, device=per_pos.device)
-        loss[keep] = per_pos[:, 0]
-        return loss.transpose(0, 1).contiguous()                            # [b, s]
+        loss = torch.zeros(s * b, dtype=per_pos.dtype, device=per_pos.device).index_copy(
+            0, where, per_pos[:, 0])
+        return loss.view(s, b).transpose(0, 1).contiguous()                 # [b, s]
 
 
 def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from factory.train import cpu_patches
+from factory.train import cpu_patches, plain_tp
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ def init(layout: Layout = Layout(), seed: int = 1234, solo: bool = False) -> Non
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     cpu_patches.apply()
+    plain_tp.install()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

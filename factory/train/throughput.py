@@ -67,6 +67,18 @@ def engine_stepper(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], 
     return step
 
 
+def on_megatron_tp_ops(step: Runner) -> Runner:
+    """`step` on megatron's own linear, region and loss autograd functions: the A side of
+    factory/train/plain_tp.py."""
+    from factory.train import plain_tp
+
+    def run():
+        with plain_tp.megatron_path():
+            step()
+
+    return run
+
+
 Alter = Callable[[torch.nn.Module], None]
 
 
@@ -176,24 +188,36 @@ def _attention(backend: str):
 
 
 def host_reads(fn: Callable[[], object]) -> int:
-    """Device values `fn` reads back: `_local_scalar_dense` calls, plus the tensors inside a
-    list given to `torch.tensor` (each one read back, on a GPU one copy each, but inside the
-    constructor, where a dispatch mode does not see them). Not counted: megatron's RNG
-    tracker comparing CPU generator states after each fork, host tensors on a GPU too."""
+    """Device values `fn` reads back, each a sync on a GPU: `_local_scalar_dense` calls (what
+    `.item()` and `float(t)` run), ops whose output size is data (`nonzero`, `masked_select`,
+    indexing with a boolean mask), and the tensors inside a list given to `torch.tensor`
+    (read back inside the constructor, where a dispatch mode does not see them). Not counted:
+    megatron's RNG tracker comparing CPU generator states after each fork, host tensors on a
+    GPU too."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    aten = torch.ops.aten
+    sized_by_data = {aten.nonzero.default, aten.masked_select.default}
+    indexing = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                aten._index_put_impl_.default}
     count = 0
 
     def host_only() -> bool:
         return any(f.filename.endswith("tensor_parallel/random.py")
                    for f in traceback.extract_stack(limit=6))
 
+    def boolean_index(args) -> bool:
+        return len(args) > 1 and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+            for i in args[1])
+
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             nonlocal count
-            if func is torch.ops.aten._local_scalar_dense.default and not host_only():
+            if (func is aten._local_scalar_dense.default and not host_only()) or \
+                    func in sized_by_data or (func in indexing and boolean_index(args)):
                 count += 1
             return func(*args, **(kwargs or {}))
 

@@ -238,9 +238,11 @@ def test_megatron_engine_checkpoint_resumes_exactly(bert_inputs, tmp_path, distr
 
 def test_megatron_engine_step_reads_back_as_few_values_as_the_torch_engine(bert_inputs,
                                                                            tmp_path):
-    """One training step (4 micro-batches, clipping) reads two device values back to the host
-    under either engine: the loss and the gradient norm. megatron's apex-less grad-norm
-    fallback alone would read one per gradient tensor (a GPU sync each)."""
+    """One training step (4 micro-batches, clipping) reads as many device values back to the
+    host (a GPU sync each) under either engine: the loss and the gradient norm, and per
+    micro-batch the count of masked positions. megatron's apex-less grad-norm fallback alone
+    would read one per gradient tensor, its vocab-parallel loss two per micro-batch, boolean
+    indexing in the MLM head four."""
     from factory.train import data, engine, parallel
     from factory.train.throughput import host_reads
 
@@ -252,4 +254,4 @@ def test_megatron_engine_step_reads_back_as_few_values_as_the_torch_engine(bert_
         model, opt = engine.build(_bert(3), engine.EngineConfig(name=name, lr=2e-3))
         _steps(model, opt, ds, name, steps=range(1, 2))
         reads[name] = host_reads(lambda: _steps(model, opt, ds, name, steps=range(2, 3)))
-    assert reads == {"torch": 2, "megatron": 2}
+    assert reads == {"torch": 2 + 4, "megatron": 2 + 4}

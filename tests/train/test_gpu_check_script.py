@@ -25,7 +25,7 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
         assert run["tokens_per_s"] > 0
         assert run["losses"][-1] < run["losses"][0], engine     # the loop's step trains
     shape = out["bert_base"]["4x32"]
-    assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-fp32bias",
+    assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-its-tp-ops",
                                     "megatron-engine"}
     assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
     assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
