@@ -225,7 +225,7 @@ def bert_base(results: dict, out_dir: Path) -> None:
         log.info("bert base %s: %s", shape, res["speedup_vs_hf"])
         if n == 0:
             res["profile_summary"] = {}
-            for name in ("hf", "megatron", "megatron-engine"):
+            for name in ("hf", "megatron", "megatron-its-tp-ops", "megatron-engine"):
                 prof, table = _profile(runners[name])
                 tables.append(f"== {name} {shape}\n{table}")
                 res["profile_summary"][name] = _kernel_summary(prof)

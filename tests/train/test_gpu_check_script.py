@@ -30,4 +30,7 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
     assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
     assert (tmp_path / "gpt_profile_megatron.txt").stat().st_size > 0
-    assert "== megatron 4x32" in (tmp_path / "bert_profile.txt").read_text()
+    profiles = (tmp_path / "bert_profile.txt").read_text()
+    assert "== megatron 4x32" in profiles and "== megatron-its-tp-ops 4x32" in profiles
+    # The A/B of plain_tp on the GPU: host time per step of both sides.
+    assert {"megatron", "megatron-its-tp-ops"} <= set(shape["profile_summary"])
