@@ -17,38 +17,27 @@ Rows: `hf` (BertForMaskedLM, its default SDPA attention, MLM head over every pos
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cpu_bench  # beside this script; puts the repository on sys.path
 
 log = logging.getLogger("cpu_step_time")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cpu_bench.parser(__doc__, steps=15, threads=2)
     ap.add_argument("--size", default="tiny", help="BERT preset of factory/train/sizes.py")
     ap.add_argument("--vocab", type=int, default=30522)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=15, help="timed steps per implementation")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cpu_bench.start(args)
 
-    import torch
-
-    from factory.train import parallel, throughput
+    from factory.train import throughput
     from factory.train.models import ModelConfig, pad_vocab
     from factory.train.sizes import BERT_SIZES
 
-    torch.set_num_threads(args.threads)
-    parallel.init()
     cfg = ModelConfig(family="bert", vocab_size=args.vocab,
                       padded_vocab_size=pad_vocab(args.vocab), max_position_embeddings=512,
                       **BERT_SIZES[args.size])
@@ -59,12 +48,8 @@ def main() -> None:
     hf = medians["hf"]
     for name, m in medians.items():
         log.info("%-18s %8.1f ms/step  (%.3fx HF)", name, m * 1e3, m / hf)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
-            "median_step_s": medians,
-            "ratio_to_hf": {name: m / hf for name, m in medians.items()}}, indent=2) + "\n")
-
+    cpu_bench.record(args, median_step_s=medians,
+                     ratio_to_hf={name: m / hf for name, m in medians.items()})
 
 if __name__ == "__main__":
     main()

@@ -15,16 +15,12 @@ ran before). Each row: syncs in one `loop.train_step`, gradient tensors, median 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cpu_bench  # beside this script; puts the repository on sys.path
 
 log = logging.getLogger("host_syncs")
 
@@ -66,27 +62,22 @@ def megatron_fallbacks():
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cpu_bench.parser(__doc__, steps=7, threads=2)
     ap.add_argument("--size", default="tiny", help="BERT preset of factory/train/sizes.py")
     ap.add_argument("--vocab", type=int, default=30522)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--accumulate", type=int, default=4, help="micro-batches per step")
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=7, help="timed steps per row")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cpu_bench.start(args, seed=0)
 
     import torch
 
-    from factory.train import engine, loop, parallel, throughput
+    from factory.train import engine, loop, throughput
     from factory.train.models import ModelConfig, build_model, pad_vocab
     from factory.train.schedule import LRSchedule
     from factory.train.sizes import BERT_SIZES
 
-    torch.set_num_threads(args.threads)
-    parallel.init(seed=0)
     cfg = ModelConfig(family="bert", vocab_size=args.vocab,
                       padded_vocab_size=pad_vocab(args.vocab), max_position_embeddings=512,
                       **BERT_SIZES[args.size])
@@ -115,11 +106,7 @@ def main() -> None:
                      "median_step_s": statistics.median(times)}
         log.info("%-24s %4d syncs/step  (%d gradient tensors)  %8.1f ms/step", row, syncs,
                  tensors, rows[row]["median_step_s"] * 1e3)
-    if args.json:
-        args.json.write_text(json.dumps({"config": {k: v for k, v in vars(args).items()
-                                                   if k != "json"}, "rows": rows},
-                                        indent=2) + "\n")
-
+    cpu_bench.record(args, rows=rows)
 
 if __name__ == "__main__":
     main()

@@ -13,36 +13,25 @@ and loss autograd functions).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cpu_bench  # beside this script; puts the repository on sys.path
 
 log = logging.getLogger("host_time")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = cpu_bench.parser(__doc__, steps=40, threads=1)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=40, help="timed steps per row")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cpu_bench.start(args)
 
-    import torch
-
-    from factory.train import parallel, throughput
+    from factory.train import throughput
     from factory.train.models import ModelConfig
 
-    torch.set_num_threads(args.threads)
-    parallel.init()
     cfg = ModelConfig(family="bert", vocab_size=1024, padded_vocab_size=1024,
                       max_position_embeddings=512, num_layers=args.layers,
                       hidden_size=args.hidden, num_attention_heads=2,
@@ -55,11 +44,7 @@ def main() -> None:
     hf = medians["hf"]
     for name, m in medians.items():
         log.info("%-22s %7.2f ms/step  (%.3fx HF)", name, m * 1e3, m / hf)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "config": {k: v for k, v in vars(args).items() if k != "json"},
-            "median_step_s": medians}, indent=2) + "\n")
-
+    cpu_bench.record(args, median_step_s=medians)
 
 if __name__ == "__main__":
     main()
