@@ -26,20 +26,23 @@ log = logging.getLogger("host_syncs")
 
 
 class SyntheticMaskedLM:
-    """loop.train_step's data source: fixed random BERT batches, 15% of positions masked."""
+    """A masked-LM dataset of fixed random samples, 15% of positions masked, for the real
+    batching (data.TrainData) of loop.train_step."""
 
     def __init__(self, vocab: int, seq: int, seed: int = 0):
         self.vocab, self.seq, self.seed = vocab, seq, seed
 
-    def batch(self, start: int, count: int):
-        import torch
+    def __len__(self) -> int:
+        return 10**9
 
-        g = torch.Generator().manual_seed(self.seed + start)
-        tokens = torch.randint(5, self.vocab, (count, self.seq), generator=g)
-        mask = (torch.rand(count, self.seq, generator=g) < 0.15).float()
-        return {"tokens": tokens, "labels": tokens.clone(), "loss_mask": mask,
-                "attention_mask": torch.ones(count, self.seq, dtype=torch.long),
-                "types": torch.zeros(count, self.seq, dtype=torch.long)}
+    def __getitem__(self, index: int) -> dict:
+        import numpy as np
+
+        rng = np.random.default_rng(self.seed + index)
+        tokens = rng.integers(5, self.vocab, self.seq)
+        return {"text": tokens, "labels": tokens, "loss_mask": rng.random(self.seq) < 0.15,
+                "padding_mask": np.ones(self.seq, dtype=np.int64),
+                "types": np.zeros(self.seq, dtype=np.int64)}
 
 
 @contextlib.contextmanager
@@ -74,6 +77,7 @@ def main() -> None:
     import torch
 
     from factory.train import engine, loop, throughput
+    from factory.train.data import TrainData
     from factory.train.models import ModelConfig, build_model, pad_vocab
     from factory.train.schedule import LRSchedule
     from factory.train.sizes import BERT_SIZES
@@ -81,7 +85,7 @@ def main() -> None:
     cfg = ModelConfig(family="bert", vocab_size=args.vocab,
                       padded_vocab_size=pad_vocab(args.vocab), max_position_embeddings=512,
                       **BERT_SIZES[args.size])
-    data = SyntheticMaskedLM(args.vocab, args.seq)
+    data = TrainData("bert", SyntheticMaskedLM(args.vocab, args.seq), args.seq)
     rows = {}
     for row, name, fallbacks in (("torch", "torch", False), ("megatron", "megatron", False),
                                  ("megatron, its fallbacks", "megatron", True)):

@@ -154,7 +154,7 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
         raise UserError(f"tokenizer.vocab_size {vocab_size} is smaller than the alphabet of the "
                         f"corpus (~{alphabet} characters) plus {len(specials)} special tokens "
                         f"(trained vocabulary: {got}); raise vocab_size to at least {got}")
-    _canonical_ids(tok, kind, specials)
+    canonical_ids(tok, kind, specials)
     if kind == "wordpiece":
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -164,7 +164,7 @@ def train_tokenizer(kind: str, vocab_size: int, casing: str, min_frequency: int,
     return tok
 
 
-def _canonical_ids(tok: Tokenizer, kind: str, specials: list[str]) -> None:
+def canonical_ids(tok: Tokenizer, kind: str, specials: list[str]) -> None:
     """Make the same corpus give a byte-identical tokenizer.
 
     The WordPiece trainer numbers tokens partly in hash-map order (the same tokens, permuted

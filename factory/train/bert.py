@@ -201,12 +201,15 @@ class HFBertModel(BertModel):
         return "b11s"
 
     def forward(self, input_ids, attention_mask=None, tokentype_ids=None, lm_labels=None,
-                inference_context=None, loss_mask=None, **kwargs):
+                inference_context=None, loss_mask=None, masked_positions=None, **kwargs):
         """Per-token loss [b,s] (fp32) when lm_labels is given, else logits [b,s,vocab].
 
         With `loss_mask` [b,s] as well, only the masked positions go through the MLM head and
         the other positions' loss is 0: the same loss and gradients as the full head under that
         mask, for about 15% of the vocabulary projection (the largest matmul of a small BERT).
+        `masked_positions`: where the mask's ones are, as indices into its [s,b] transpose
+        flattened (TrainData.batch computes them on the host); without them they are found on
+        the device, which on a GPU waits for it (one sync per micro-batch).
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -218,19 +221,20 @@ class HFBertModel(BertModel):
         if lm_labels is not None and loss_mask is not None and self.post_process and \
                 not self.config.sequence_parallel:
             return self._masked_lm_loss(input_ids, attention_mask, tokentype_ids, lm_labels,
-                                        loss_mask)
+                                        loss_mask, masked_positions)
         out = super().forward(input_ids, attention_mask, tokentype_ids=tokentype_ids,
                               lm_labels=lm_labels, inference_context=inference_context)
         # Before the last pipeline stage: the hidden states [s, b, h] for the next stage.
         return out[0] if self.post_process else out
 
-    def _masked_lm_loss(self, input_ids, attention_mask, tokentype_ids, lm_labels, loss_mask):
+    def _masked_lm_loss(self, input_ids, attention_mask, tokentype_ids, lm_labels, loss_mask,
+                        where=None):
         h = _encode(self, input_ids, attention_mask, tokentype_ids)       # [s, b, h]
         s, b = h.shape[:2]
-        # The one device value read back (on a GPU a sync): how many positions are masked.
-        # Integer indices then gather and scatter without another; boolean-mask indexing
-        # would read the mask back in each of forward, put-back and their two backwards.
-        where = loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)   # [n] of s*b
+        # Integer indices gather and scatter without reading anything back; boolean-mask
+        # indexing would read the mask back in each of forward, put-back and their backwards.
+        if where is None:
+            where = masked_positions(loss_mask)                             # [n] of s*b
         picked = h.reshape(s * b, -1).index_select(0, where).unsqueeze(1)    # [n, 1, h]
         logits, _ = self.output_layer(self.lm_head(hidden_states=picked),
                                       weight=self.shared_embedding_or_output_weight())
@@ -239,6 +243,12 @@ class HFBertModel(BertModel):
         loss = torch.zeros(s * b, dtype=per_pos.dtype, device=per_pos.device).index_copy(
             0, where, per_pos[:, 0])
         return loss.view(s, b).transpose(0, 1).contiguous()                 # [b, s]
+
+
+def masked_positions(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the ones of a [b,s] mask in its [s,b] transpose, flattened: the order of
+    megatron's [s,b,h] hidden states. Used on the host it reads nothing back from a device."""
+    return loss_mask.transpose(0, 1).reshape(-1).nonzero().squeeze(1)
 
 
 def transformer_config(cfg: ModelConfig, **runtime) -> TransformerConfig:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from factory.stage import UserError
+from factory.train import bert
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,8 @@ class TrainData:
 
     def batch(self, start: int, count: int) -> dict[str, torch.Tensor]:
         """Model inputs as int64/float tensors:
-        bert: tokens, labels, loss_mask, attention_mask [b,s] (1 = real token), types;
+        bert: tokens, labels, loss_mask, attention_mask [b,s] (1 = real token), types,
+              masked_positions (bert.masked_positions, found here on the host);
         gpt:  tokens, labels, loss_mask, position_ids."""
         items = [self.dataset[i] for i in range(start, start + count)]
         if self.family == "bert":
@@ -259,6 +261,7 @@ class TrainData:
                 "attention_mask": _stack(items, "padding_mask"),
                 "types": _stack(items, "types"),
             }
+            out["masked_positions"] = bert.masked_positions(out["loss_mask"])
         else:
             out = {
                 "tokens": _stack(items, "tokens"),

@@ -62,8 +62,14 @@ def resolve(name: str, *, cuda: bool, data_parallel: int, precision: str,
     return "torch"
 
 
-def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, Any]:
-    """(model to train, optimizer) for a bare megatron model whose weights are loaded."""
+def build(model: torch.nn.Module, cfg: EngineConfig, *, loaded_weights: bool = False
+          ) -> tuple[torch.nn.Module, Any]:
+    """(model to train, optimizer) for a bare megatron model whose weights are loaded.
+
+    loaded_weights: the weights came from a checkpoint (a continued run). Under the megatron
+    engine's bf16 the fp32 main weights then start from those exact values, where megatron
+    would start them from the bf16 parameters, rounded to bf16's 8 significant bits.
+    """
     if cfg.name == "torch":
         return model, build_optimizer(model, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -76,6 +82,9 @@ def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, A
 
     multi_tensor.install()
     bf16 = cfg.precision == "bf16"
+    # On the host: a full copy per rank, as the checkpoint load itself held a moment ago.
+    exact = {p: p.detach().to("cpu", copy=True) for p in model.parameters()
+             if p.dtype == torch.float32} if bf16 and loaded_weights else {}
     wrapped = []
     for chunk in chunks_of(model):
         config = chunk.config
@@ -109,7 +118,29 @@ def build(model: torch.nn.Module, cfg: EngineConfig) -> tuple[torch.nn.Module, A
         if type(chained.optimizer) in (torch.optim.Adam, torch.optim.AdamW):
             for group in chained.optimizer.param_groups:
                 group.update(fused=True, foreach=False)
+    if exact:
+        _set_main_weights(optimizer, exact)
     return (wrapped[0] if len(wrapped) == 1 else ModelChunks(wrapped)), optimizer
+
+
+def _set_main_weights(optimizer: Any, values: dict[torch.nn.Parameter, torch.Tensor]) -> None:
+    """megatron's fp32 main weights (each rank's shard under the distributed optimizer) set
+    from full-precision `values` of the parameters they stand for. megatron-core's own
+    `reload_model_params(state_dict)` does this only for the distributed optimizer, matching
+    names by substring."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        distributed = hasattr(chained, "shard_fp32_from_float16_groups")
+        if distributed:
+            pairs = zip(chained.model_float16_groups, chained.shard_fp32_from_float16_groups)
+        else:
+            pairs = zip(chained.float16_groups, chained.fp32_from_float16_groups)
+        for params, mains in pairs:
+            for param, main in zip(params, mains, strict=True):
+                full = values[param].view(-1)
+                if distributed:
+                    span = chained._get_model_param_range_map(param)["param"]
+                    full = full[span.start:span.end]
+                main.data.copy_(full.view_as(main))
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float],

@@ -67,7 +67,8 @@ def forward_loss(model: torch.nn.Module, family: str, batch: dict[str, torch.Ten
     """Per-token loss [b, s] from megatron's forward."""
     if family == "bert":
         return model(batch["tokens"], batch["attention_mask"], tokentype_ids=batch["types"],
-                     lm_labels=batch["labels"], loss_mask=batch["loss_mask"])
+                     lm_labels=batch["labels"], loss_mask=batch["loss_mask"],
+                     masked_positions=batch.get("masked_positions"))
     # Causal attention builds its own mask when none is given.
     return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
@@ -154,7 +155,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
         all_reduce_grads(params, dp_group)
     grad_norm = clip_grad_norm(params, cfg.clip_grad)
     optimizer.step()
-    return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": grad_norm}
+    return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": float(grad_norm)}
 
 
 def _pipeline_size() -> int:
@@ -260,14 +261,15 @@ def all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
             g.copy_(synced)
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
     """The global L2 grad norm (every parameter counted once across model-parallel ranks),
-    and the gradients scaled down to `max_norm` when above it (0 = no clipping)."""
+    and the gradients scaled down to `max_norm` when above it (0 = no clipping). The norm
+    stays on the device: read before the optimizer step, it would stall a GPU's queue there."""
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     own = [p.grad for p in params if p.grad is not None and _counts_here(p)]
     device = grads[0].device
     sq = (torch.stack(torch._foreach_norm([g.float() for g in own])).pow(2).sum()
@@ -280,7 +282,7 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
         # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6), capped at 1.
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))
-    return float(norm)
+    return norm
 
 
 def _counts_here(p: torch.nn.Parameter) -> bool:

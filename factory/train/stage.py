@@ -192,13 +192,14 @@ class PretrainStage(Stage):
         n_params = sum(p.numel() for p in model.parameters())    # tied weights count once
         log.info("%s model: %.2fM parameters on this rank (tensor parallel %d, data parallel "
                  "%d)", c.family, n_params / 1e6, layout.tensor_parallel, dp)
-        if c.strategy == "continued" and resume_step is None:
+        loaded = c.strategy == "continued" and resume_step is None
+        if loaded:
             from factory.train.convert import load_hf_into_megatron
 
             load_hf_into_megatron(model, base, model_cfg)
         cfg = self._loop_config(model_cfg, engine_name)
         model, optimizer = engine.build(model, engine.config_of(
-            cfg.engine, cfg.precision, t, c.parallel))
+            cfg.engine, cfg.precision, t, c.parallel), loaded_weights=loaded)
         plan = self._blend_plan(ctx, pack_dir, writer)
         train_data = data.build_train_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,

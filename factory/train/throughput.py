@@ -94,13 +94,16 @@ def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"
     engine."""
     from transformers import BertConfig, BertForMaskedLM
 
+    from factory.train.bert import masked_positions
     from factory.train.models import build_model
 
     dev = device()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g).to(dev)
     attn = torch.ones_like(ids)
-    loss_mask = (torch.rand(ids.shape, generator=g) < 0.15).float().to(dev)
+    loss_mask = (torch.rand(ids.shape, generator=g) < 0.15).float()
+    positions = masked_positions(loss_mask).to(dev)     # on the host, as TrainData.batch
+    loss_mask = loss_mask.to(dev)
     types = torch.zeros_like(ids)
     hf_labels = torch.where(loss_mask.bool(), ids, torch.full_like(ids, -100))
 
@@ -114,7 +117,8 @@ def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"
                              precision)}
 
     def masked(m):
-        per_token = m(ids, attn, tokentype_ids=types, lm_labels=ids, loss_mask=loss_mask)
+        per_token = m(ids, attn, tokentype_ids=types, lm_labels=ids, loss_mask=loss_mask,
+                      masked_positions=positions)
         return (per_token * loss_mask).sum() / loss_mask.sum()
 
     def full(m):
@@ -191,9 +195,10 @@ def host_reads(fn: Callable[[], object]) -> int:
     """Device values `fn` reads back, each a sync on a GPU: `_local_scalar_dense` calls (what
     `.item()` and `float(t)` run), ops whose output size is data (`nonzero`, `masked_select`,
     indexing with a boolean mask), and the tensors inside a list given to `torch.tensor`
-    (read back inside the constructor, where a dispatch mode does not see them). Not counted:
-    megatron's RNG tracker comparing CPU generator states after each fork, host tensors on a
-    GPU too."""
+    (read back inside the constructor, where a dispatch mode does not see them). Not counted,
+    host tensors on a GPU too: megatron's RNG tracker comparing CPU generator states after
+    each fork, and the data loader's batches before they are copied to the device
+    (factory/train/data.py)."""
     import traceback
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -205,7 +210,7 @@ def host_reads(fn: Callable[[], object]) -> int:
     count = 0
 
     def host_only() -> bool:
-        return any(f.filename.endswith("tensor_parallel/random.py")
+        return any(f.filename.endswith(("tensor_parallel/random.py", "factory/train/data.py"))
                    for f in traceback.extract_stack(limit=6))
 
     def boolean_index(args) -> bool:
@@ -216,8 +221,8 @@ def host_reads(fn: Callable[[], object]) -> int:
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             nonlocal count
-            if (func is aten._local_scalar_dense.default and not host_only()) or \
-                    func in sized_by_data or (func in indexing and boolean_index(args)):
+            if (func is aten._local_scalar_dense.default or func in sized_by_data or
+                    (func in indexing and boolean_index(args))) and not host_only():
                 count += 1
             return func(*args, **(kwargs or {}))
 

@@ -39,6 +39,8 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, out_dir: Path)
     """A WordPiece (BERT layout: [PAD]=0 [UNK] [CLS] [SEP] [MASK]) or byte-level BPE folder."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+    from tokenization.train import canonical_ids
+
     out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "wordpiece":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -65,6 +67,9 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int, out_dir: Path)
                   "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
         special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     tok.train_from_iterator(texts, trainer=trainer)
+    # The vocab stage's renumbering: the WordPiece trainer's ids vary from process to
+    # process, and with them every test's data and losses.
+    canonical_ids(tok, kind, specials)
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2))

@@ -3,7 +3,7 @@
 
 JOBS is a JSON file: {"vocab": ..., "pack": ..., "jobs": [{"kind": "train", "out": ...,
 "overrides": [...]}, {"kind": "logits", "pretrain": ..., "tensor": 2, "out": ...},
-{"kind": "import", "hf": ..., "tensor": 2, "out": ...}]}.
+{"kind": "import", "hf": ..., "tensor": 2, "out": ...}, {"kind": "main_weights", "out": ...}]}.
 Jobs run in order in one process group; each sets its own parallel layout.
 """
 
@@ -89,6 +89,25 @@ def layers(spec: dict) -> None:
     Path(f"{spec['out']}-{dist.get_rank()}.json").write_text(json.dumps(held))
 
 
+def main_weights(spec: dict) -> None:
+    """The megatron engine in bf16 with the distributed optimizer over both ranks, built for
+    a loaded model: save each rank's fp32 main-weight shard values from rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    from factory.train import engine, parallel
+    from tests.train.test_engine import _bert
+
+    parallel.init()
+    _, opt = engine.build(_bert(3), engine.EngineConfig(
+        name="megatron", precision="bf16", distributed_optimizer=True), loaded_weights=True)
+    mine = torch.cat([p.detach().flatten() for g in opt.param_groups for p in g["params"]])
+    shards = [None] * dist.get_world_size()
+    dist.all_gather_object(shards, mine)
+    if dist.get_rank() == 0:
+        torch.save(shards, spec["out"])
+
+
 if __name__ == "__main__":
     plan = json.loads(Path(sys.argv[1]).read_text())
     inputs = {"vocab": Path(plan["vocab"]), "pack": Path(plan["pack"])}
@@ -99,5 +118,7 @@ if __name__ == "__main__":
             import_logits(job)
         elif job["kind"] == "layers":
             layers(job)
+        elif job["kind"] == "main_weights":
+            main_weights(job)
         else:
             logits(job)

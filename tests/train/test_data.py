@@ -70,6 +70,10 @@ def test_bert_masking(bert_inputs, tmp_path):
     assert not torch.any(masked & (~real | special))
     share = masked.sum().item() / (real & ~special).sum().item()
     assert 0.12 < share < 0.16
+    # The masked positions come with the batch in megatron's [s, b] order (row-major over
+    # the transpose), for the MLM head to gather without a device sync.
+    rows, cols = masked.numpy().T.nonzero()
+    assert b["masked_positions"].tolist() == (rows * 600 + cols).tolist()
 
     # 80% [MASK], 10% a random token, 10% unchanged (Devlin et al. 2019, 3.1).
     inputs, labels = b["tokens"][masked], b["labels"][masked]

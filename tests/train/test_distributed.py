@@ -288,7 +288,10 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     into the distributed optimizer) and at TP=2 trains like one torch-engine process;
     SIGKILLed after checkpoint 4 it resumes exactly at DP=2, and its sharded optimizer state
     resumes in one process too (resharded DP2 -> DP1)."""
+    import torch
+
     from factory.stage import MemoryLog, StageContext
+    from tests.train.test_engine import _bert
 
     _run_single(tmp_path, "bert", bert_inputs, *COMMON)
     megatron = [*COMMON, "parallel.engine=megatron", "parallel.ddp_bucket_size=20000"]
@@ -299,6 +302,7 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
                           (tmp_path / "tp2_sp", ["parallel.tensor=2",
                                                  "parallel.sequence_parallel=true"]),
                           (tmp_path / "dp2", []), (attempt, []))]}
+    plan["jobs"].insert(-1, {"kind": "main_weights", "out": str(tmp_path / "main.pt")})
     _launch_killed_then_rerun(plan, attempt, tmp_path, keep=tmp_path / "attempt_dp1")
 
     reference, dp2 = _losses(tmp_path / "single"), _losses(tmp_path / "dp2")
@@ -322,6 +326,13 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     assert _losses(tmp_path / "attempt_dp1") == pytest.approx(dp2, abs=1e-5)
     # Not over tensor parallel: the TP=2 state resumed at TP=1 is refused.
     _assert_layout_change_refused(tmp_path / "tp2", bert_inputs, *megatron)
+
+    # bf16 with loaded weights: each rank's main-weight shard holds its part of the exact
+    # fp32 values (ZeRO-1 slices), not their bf16 rounding.
+    shards = torch.load(tmp_path / "main.pt", weights_only=True)
+    exact = torch.cat([p.detach().flatten() for p in _bert(3).parameters()])
+    assert len(shards) == 2 and all(0 < len(s) < len(exact) for s in shards)
+    assert torch.equal(torch.cat(shards).sort().values, exact.sort().values)
 
 
 def _tiny_bert_base(folder: Path, vocab: int):

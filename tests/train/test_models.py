@@ -219,6 +219,7 @@ def test_masked_only_head_gives_the_full_heads_loss_and_gradients():
     import torch
 
     from factory.train import parallel
+    from factory.train.bert import masked_positions
     from factory.train.models import ModelConfig, build_model, pad_vocab
 
     parallel.init(seed=7)
@@ -246,3 +247,7 @@ def test_masked_only_head_gives_the_full_heads_loss_and_gradients():
     assert torch.allclose(full, fast, atol=1e-5)
     assert len(g_full) == len(g_fast)
     assert max((a - b).abs().max().item() for a, b in zip(g_full, g_fast)) < 1e-5
+    # The positions found by the data loader on the host give the same step.
+    given, g_given = loss_and_grads(loss_mask=mask, masked_positions=masked_positions(mask))
+    assert torch.equal(given, fast)
+    assert all(torch.equal(a, b) for a, b in zip(g_given, g_fast, strict=True))
