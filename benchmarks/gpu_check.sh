@@ -6,14 +6,10 @@
 # The GPU machines have no network, their own Python 3.12 and torch (2.11, CUDA 13), and no
 # Transformer Engine or apex. This script keeps that torch and installs only what the image
 # lacks, from WHEELS_DIR (no index, no dependencies resolved, into a private --target folder
-# put first on PYTHONPATH); the project itself runs from this checkout. Prepare WHEELS_DIR on
-# a networked machine:
-#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d WHEELS_DIR \
-#     megatron-core==0.16.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-#     typing-inspection==0.4.5 typing-extensions==4.16.0
-# SMOKE_RUN_DIR (optional): the vocab/ and pack/ of `factory run domains/biomedical.yaml
-# --scale smoke --until pack`, for the real pretrain stage on the GPU.
+# put first on PYTHONPATH); the project itself runs from this checkout. SMOKE_RUN_DIR
+# (optional): the vocab/ and pack/ of `factory run domains/biomedical.yaml --scale smoke
+# --until pack`, for the real pretrain stage on the GPU. `bash benchmarks/gpu_prepare.sh`
+# makes both on a networked machine (.whl and .gpu_inputs).
 #
 # What it checks and measures: benchmarks/gpu_check.py. Results: OUT_DIR/gpu_check.json,
 # OUT_DIR/gpt_profile.txt and the log on stdout. Record them in BENCHMARKS.md.

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh keeps working: its dry run (CPU, toy sizes) goes through every
-section the GPU run measures, so the script a GPU lease depends on cannot rot unseen."""
+section the GPU run measures, on inputs made by benchmarks/gpu_prepare.sh, so the scripts a
+GPU lease depends on cannot rot unseen."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -34,3 +37,28 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert "== megatron 4x32" in profiles and "== megatron-its-tp-ops 4x32" in profiles
     # The A/B of plain_tp on the GPU: host time per step of both sides.
     assert {"megatron", "megatron-its-tp-ops"} <= set(shape["profile_summary"])
+
+
+@pytest.mark.slow  # a smoke run up to pack, then the stage section twice: about 40 s
+def test_prepared_inputs_feed_the_pretrain_stage_section(tmp_path):
+    """gpu_prepare.sh's vocab/ and pack/ (the wheels are left out: no download in a test) run
+    the real pretrain stage under both engines, and each resumes from its step-30 checkpoint
+    to the uninterrupted losses."""
+    env = {**os.environ, "PYTHON": sys.executable, "SKIP_WHEELS": "1"}
+    inputs = tmp_path / "inputs"
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_prepare.sh"), "",
+                           str(inputs)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (inputs / "vocab" / "tokenizer" / "tokenizer.json").is_file()
+    assert (inputs / "pack" / "pack.json").is_file()
+    env.update(DRY_RUN="1", GPU_CHECK_SECTIONS="pretrain_stage")
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "",
+                           str(tmp_path / "out"), str(inputs)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stage = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["pretrain_stage"]
+    for engine in ("torch", "megatron"):
+        run = stage[engine]
+        assert run["steps"] == 40 and run["last_loss"] < run["first_loss"], engine
+        assert run["resume"]["from_step"] == 30
+        assert run["resume"]["max_abs_loss_diff"] == 0.0, engine
