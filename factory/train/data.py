@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from factory.stage import UserError
-from factory.train import bert
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,9 @@ class TrainData:
                 "attention_mask": _stack(items, "padding_mask"),
                 "types": _stack(items, "types"),
             }
-            out["masked_positions"] = bert.masked_positions(out["loss_mask"])
+            from factory.train.bert import masked_positions     # megatron's model classes
+
+            out["masked_positions"] = masked_positions(out["loss_mask"])
         else:
             out = {
                 "tokens": _stack(items, "tokens"),
