@@ -53,10 +53,13 @@ class SDPAttention(DotProductAttention):
         mask = None if attention_mask is None else ~attention_mask.bool()
         p = self.attention_dropout.p if self.training else 0.0
         gqa = q.shape[1] != k.shape[1]
-        # Dropout draws from the model-parallel tracker, as the local attention does, so
-        # tensor-parallel ranks drop different heads' probabilities deterministically.
+        # Under tensor parallel, dropout draws from the model-parallel tracker, as the local
+        # attention does, so ranks drop different heads' probabilities deterministically. At
+        # TP=1 there is nothing to tell apart, and the fork (two generator-state copies and a
+        # compare, per layer) is host time a launch-bound GPU step waits for.
         ctx = tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 and \
-            not self.config.sequence_parallel else contextlib.nullcontext()
+            self.config.tensor_model_parallel_size > 1 and not self.config.sequence_parallel \
+            else contextlib.nullcontext()
         with ctx:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
                                                  is_causal=is_causal, scale=self.softmax_scale,

@@ -75,6 +75,28 @@ def test_sdpa_gpt_without_a_mask_is_causal(megatron, monkeypatch):
     torch.testing.assert_close(attn(q, *kv, None), attn(q, *kv, causal))
 
 
+def test_sdpa_dropout_forks_the_tracker_only_under_tensor_parallel(megatron, monkeypatch):
+    """Attention dropout draws from megatron's model-parallel tracker under tensor parallel
+    (ranks drop differently); at TP=1 from the default generator, without the per-layer fork
+    (host time on a launch-bound GPU step)."""
+    from megatron.core import tensor_parallel
+
+    _, sdpa = _pair(BERT, monkeypatch)       # attention dropout 0.1 (the default)
+    attn = sdpa.encoder.layers[0].self_attention.core_attention
+    attn.train()
+    q, k, v = (torch.randn(8, 2, 4, 16) for _ in range(3))
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+
+    def tracker_moved() -> bool:
+        before = {n: t.clone() for n, t in tracker.get_states().items()}
+        attn(q, k, v, None)
+        return any(not torch.equal(before[n], t) for n, t in tracker.get_states().items())
+
+    assert not tracker_moved()
+    monkeypatch.setattr(attn.config, "tensor_model_parallel_size", 2)
+    assert tracker_moved()
+
+
 def test_backend_choice(monkeypatch):
     from factory.train import attention
 
