@@ -10,7 +10,8 @@ time limit loses nothing already measured):
   gpt_1b          a Llama-3.2-1B-shaped GPT (vocab 32,768), sequence 2048, bf16: the training
                   loop's own step (`loop.train_step`) per engine in GPT_ENGINES (torch:
                   autocast, fused AdamW, global-norm clipping; megatron: bf16 parameters, DDP
-                  buffers, megatron's optimizer) and micro batch in GPT_MICROS; tokens/s,
+                  buffers, megatron's optimizer; ENGINE-compiled: the same with
+                  training.compile) and micro batch in GPT_MICROS; tokens/s,
                   MFU, peak memory; then a torch.profiler table of two steps per engine
                   (OUT_DIR/gpt_profile.txt, gpt_profile_megatron.txt): what bounds it.
   bert_base       BERT-base masked LM (vocab 30,522) at BERT_SHAPES (batch x sequence; default
@@ -18,8 +19,8 @@ time limit loses nothing already measured):
                   BertForMaskedLM (SDPA attention), same dimensions, batch, bf16 autocast and
                   AdamW, and our step under the megatron engine (bf16 parameters); at the
                   first shape also our step on megatron's own linear and loss functions
-                  (A/B of factory/train/plain_tp.py) and profiles
-                  (OUT_DIR/bert_profile.txt).
+                  (A/B of factory/train/plain_tp.py), HF's and ours with torch.compile'd
+                  layers (training.compile), and profiles (OUT_DIR/bert_profile.txt).
   pretrain_stage  with --inputs (the vocab/ and pack/ of `factory run domains/biomedical.yaml
                   --scale smoke --until pack`): the real pretrain stage on the GPU (precision
                   auto -> bf16, attention auto -> SDPA), 40 steps, per engine in
@@ -50,6 +51,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from factory.train import attention, engine, loop, parallel, throughput  # noqa: E402
+from factory.train.compiled import compile_layers  # noqa: E402
 from factory.train.models import ModelConfig, build_model, pad_vocab  # noqa: E402
 from factory.train.sizes import BERT_SIZES, GPT_SIZES  # noqa: E402
 
@@ -107,7 +109,7 @@ def gpt_1b(results: dict, out_dir: Path) -> None:
 
     seq = 64 if DRY else 2048
     micros = [2] if DRY else [int(m) for m in os.environ.get("GPT_MICROS", "4 8 16").split()]
-    engines = os.environ.get("GPT_ENGINES", "torch megatron").split()
+    engines = os.environ.get("GPT_ENGINES", "torch torch-compiled megatron").split()
     steps = 3 if DRY else 8
     vocab = 1000 if DRY else 32768
     cfg = ModelConfig(family="gpt", vocab_size=vocab, padded_vocab_size=pad_vocab(vocab),
@@ -120,17 +122,21 @@ def gpt_1b(results: dict, out_dir: Path) -> None:
     results.update(seq=seq, flops_per_token=flops, runs={}, best_micro={})
     data = Synthetic(vocab, seq, max(micros))
     for name in engines:
+        engine_name, _, variant = name.partition("-")
         # The megatron engine's bf16 is bf16 parameters (no autocast), which runs on CPU too.
-        precision = PRECISION if name == "torch" else "bf16"
+        precision = PRECISION if engine_name == "torch" else "bf16"
         torch.manual_seed(0)
         model, optimizer = engine.build(build_model(cfg).to(dev), engine.EngineConfig(
-            name=name, precision=precision, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1))
+            name=engine_name, precision=precision, lr=3e-4, betas=(0.9, 0.95),
+            weight_decay=0.1))
+        if variant == "compiled":
+            compile_layers(model)
         results["params"] = sum(p.numel() for p in engine.bare(model).parameters())
 
         def loop_cfg(micro: int):
             return loop.LoopConfig(
                 family="gpt", total_steps=10**6, global_batch_size=micro,
-                micro_batch_size=micro, seq_length=seq, engine=name,
+                micro_batch_size=micro, seq_length=seq, engine=engine_name,
                 schedule=LRSchedule(lr=3e-4, total_steps=10**6, warmup_steps=0),
                 precision=precision, flops_per_token=flops)
 
@@ -213,7 +219,7 @@ def bert_base(results: dict, out_dir: Path) -> None:
         runners = throughput.bert_runners(
             cfg, batch, seq, PRECISION, backends=backends, full_head=True,
             megatron_engine="bf16",
-            extra={"its-tp-ops": lambda model: None} if n == 0 else None)
+            extra={"its-tp-ops": lambda model: None} if n == 0 else None, compiled=n == 0)
         if n == 0:
             runners["megatron-its-tp-ops"] = throughput.on_megatron_tp_ops(
                 runners["megatron-its-tp-ops"])
@@ -225,7 +231,8 @@ def bert_base(results: dict, out_dir: Path) -> None:
         log.info("bert base %s: %s", shape, res["speedup_vs_hf"])
         if n == 0:
             res["profile_summary"] = {}
-            for name in ("hf", "megatron", "megatron-its-tp-ops", "megatron-engine"):
+            for name in ("hf", "megatron", "megatron-its-tp-ops", "megatron-engine",
+                         "hf-compiled", "megatron-compiled"):
                 prof, table = _profile(runners[name])
                 tables.append(f"== {name} {shape}\n{table}")
                 res["profile_summary"][name] = _kernel_summary(prof)

@@ -5,10 +5,12 @@ megatron-core's own tensor-parallel autograd functions (the A side of factory/tr
 
     python benchmarks/host_time.py                   # 12 x 64, batch 2 x 16, 1 thread
     python benchmarks/host_time.py --layers 24 --json out.json
+    python benchmarks/host_time.py --compiled        # + both with torch.compile'd layers
 
 Rows: `hf`, `megatron` (our training path with the SDPA core attention, the GPU path),
 `megatron-its-tp-ops` (the same model built alike, stepped on megatron's own linear, region
-and loss autograd functions).
+and loss autograd functions); with --compiled `hf-compiled` and `megatron-compiled` (every
+transformer layer under torch.compile, training.compile; on CPU inductor's C++ kernels).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--compiled", action="store_true",
+                    help="add the torch.compile'd rows (about 20 s of compiling first)")
     args = ap.parse_args()
     cpu_bench.start(args)
 
@@ -37,7 +41,8 @@ def main() -> None:
                       hidden_size=args.hidden, num_attention_heads=2,
                       ffn_hidden_size=4 * args.hidden)
     runners = throughput.bert_runners(cfg, args.batch, args.seq, "fp32", backends=("sdpa",),
-                                      extra={"its-tp-ops": lambda model: None})
+                                      extra={"its-tp-ops": lambda model: None},
+                                      compiled=args.compiled)
     runners["megatron-its-tp-ops"] = throughput.on_megatron_tp_ops(
         runners["megatron-its-tp-ops"])
     medians = throughput.time_interleaved(runners, args.steps, warmup=5)

@@ -244,6 +244,10 @@ class Training(_Strict):
     recompute: Literal["none", "selective", "full"] = Field(
         "none", description="activation recomputation: selective = core attention, full = "
                             "every layer (least memory, about a third more compute)")
+    compile: bool = Field(
+        False, description="torch.compile each transformer layer (fused elementwise kernels, "
+                           "fewer launches); the first step compiles; on CPU it needs a C++ "
+                           "compiler. Dropout masks differ from an uncompiled run's")
 
     @model_validator(mode="after")
     def _budget(self):

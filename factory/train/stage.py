@@ -143,7 +143,7 @@ class PretrainStage(Stage):
         return {"base_weights": file_digest(_weights(Path(self.config.base)))}
 
     def run(self, ctx: StageContext) -> dict[str, float]:
-        from factory.train import checkpoint, data, engine, loop, parallel
+        from factory.train import checkpoint, compiled, data, engine, loop, parallel
         from factory.train.models import build_model
 
         c = self.config
@@ -161,6 +161,8 @@ class PretrainStage(Stage):
                             f"multiple of micro_batch_size x data-parallel size = "
                             f"{t.micro_batch_size} x {dp}")
         self._refuse_bf16_without_cuda(self._engine(dp, saved=None))    # before any work
+        if t.compile:
+            compiled.check_available()
         parallel.init(layout, seed=t.seed)
         writer = loop.is_writer()
         tokenizer = data.load_tokenizer(ctx.inputs["vocab"] / "tokenizer")
@@ -200,6 +202,8 @@ class PretrainStage(Stage):
         cfg = self._loop_config(model_cfg, engine_name)
         model, optimizer = engine.build(model, engine.config_of(
             cfg.engine, cfg.precision, t, c.parallel), loaded_weights=loaded)
+        if t.compile:
+            compiled.compile_layers(model)
         plan = self._blend_plan(ctx, pack_dir, writer)
         train_data = data.build_train_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,

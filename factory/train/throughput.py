@@ -10,6 +10,7 @@ often a step reads a device value back (benchmarks/host_syncs.py).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import statistics
 import time
@@ -85,13 +86,15 @@ Alter = Callable[[torch.nn.Module], None]
 def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32",
                  backends: tuple[str, ...] = ("local",), full_head: bool = False,
                  seed: int = 0, extra: dict[str, Alter] | None = None,
-                 megatron_engine: str | None = None) -> dict[str, Runner]:
+                 megatron_engine: str | None = None, compiled: bool = False
+                 ) -> dict[str, Runner]:
     """`hf` (BertForMaskedLM, its default SDPA attention, head over every position) and one
     `megatron[-BACKEND]` runner per core-attention backend (head over masked positions only,
     the training path); with full_head also `megatron-fullhead` (head everywhere, like HF);
     per `extra` entry NAME: fn, `megatron-NAME`, a model that fn altered (A/B checks); with
     megatron_engine (its precision) `megatron-engine`, the training path under the megatron
-    engine."""
+    engine; with compiled `hf-compiled` and `megatron-compiled`, each with torch.compile on
+    every transformer layer (training.compile; HF's BertLayer likewise)."""
     from transformers import BertConfig, BertForMaskedLM
 
     from factory.train.bert import masked_positions
@@ -112,9 +115,19 @@ def bert_runners(cfg: ModelConfig, batch: int, seq: int, precision: str = "fp32"
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.ffn_hidden_size,
         max_position_embeddings=cfg.max_position_embeddings)).to(dev).train()
-    runners = {"hf": stepper(hf, lambda m: m(input_ids=ids, attention_mask=attn,
-                                              token_type_ids=types, labels=hf_labels).loss,
-                             precision)}
+    def hf_loss(m):
+        return m(input_ids=ids, attention_mask=attn, token_type_ids=types,
+                 labels=hf_labels).loss
+
+    runners = {"hf": stepper(hf, hf_loss, precision)}
+    if compiled:
+        from factory.train.compiled import compile_layers
+
+        hf_twin = copy.deepcopy(hf)
+        for layer in hf_twin.bert.encoder.layer:
+            layer.compile()
+        runners["hf-compiled"] = stepper(hf_twin, hf_loss, precision)
+        extra = {**(extra or {}), "compiled": compile_layers}
 
     def masked(m):
         per_token = m(ids, attn, tokentype_ids=types, lm_labels=ids, loss_mask=loss_mask,

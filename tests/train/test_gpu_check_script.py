@@ -23,13 +23,13 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     out = json.loads((tmp_path / "gpu_check.json").read_text())
     assert out["check"]["bert"]["ok"] and out["check"]["gpt"]["ok"]
     assert out["check"]["gpt"]["max_abs_logit_diff_fp32"] < 1e-4
-    for engine in ("torch", "megatron"):
+    for engine in ("torch", "torch-compiled", "megatron"):
         run = out["gpt_1b"]["runs"][engine]["2"]
         assert run["tokens_per_s"] > 0
         assert run["losses"][-1] < run["losses"][0], engine     # the loop's step trains
     shape = out["bert_base"]["4x32"]
     assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-its-tp-ops",
-                                    "megatron-engine"}
+                                    "megatron-engine", "hf-compiled", "megatron-compiled"}
     assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
     assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
     assert (tmp_path / "gpt_profile_megatron.txt").stat().st_size > 0
@@ -37,6 +37,8 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert "== megatron 4x32" in profiles and "== megatron-its-tp-ops 4x32" in profiles
     # The A/B of plain_tp on the GPU: host time per step of both sides.
     assert {"megatron", "megatron-its-tp-ops"} <= set(shape["profile_summary"])
+    # training.compile on the GPU: its rows are there to compare (HF's compiled as well).
+    assert {"hf-compiled", "megatron-compiled"} <= set(shape["profile_summary"])
 
 
 @pytest.mark.slow  # a smoke run up to pack, then the stage section twice: about 40 s
