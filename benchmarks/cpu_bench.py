@@ -12,12 +12,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parser(doc: str, *, steps: int, threads: int) -> argparse.ArgumentParser:
-    """An ArgumentParser with --steps, --threads and --json; the script adds its own flags."""
+def parser(doc: str, *, steps: int, threads: int, compiled: bool = False
+           ) -> argparse.ArgumentParser:
+    """An ArgumentParser with --steps, --threads and --json (and with `compiled`, --compiled:
+    throughput.bert_runners' compiled rows); the script adds its own flags."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--steps", type=int, default=steps, help="timed steps per row")
     ap.add_argument("--threads", type=int, default=threads)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    if compiled:
+        ap.add_argument("--compiled", action="store_true",
+                        help="add rows with torch.compile'd layers, HF's and ours (compiling "
+                             "takes 10-30 s first)")
     return ap
 
 

@@ -7,12 +7,14 @@ other processes hits them alike); the report is the median over the timed steps
 
     python benchmarks/cpu_step_time.py                      # tiny BERT, vocab 30,522
     python benchmarks/cpu_step_time.py --size smoke --vocab 2048 --steps 40
+    python benchmarks/cpu_step_time.py --compiled
 
 Rows: `hf` (BertForMaskedLM, its default SDPA attention, MLM head over every position),
 `megatron` (our training path: local attention, MLM head over the masked positions only),
 `megatron-sdpa` (the same with the SDPA core attention, the GPU path), `megatron-fullhead`
 (the head over every position, as HF does), `megatron-engine` (the training path under
-`parallel.engine: megatron`: DDP grad buffers and megatron's optimizer, fp32).
+`parallel.engine: megatron`: DDP grad buffers and megatron's optimizer, fp32); with
+--compiled `hf-compiled` and `megatron-compiled` (torch.compile'd layers, training.compile).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ log = logging.getLogger("cpu_step_time")
 
 
 def main() -> None:
-    ap = cpu_bench.parser(__doc__, steps=15, threads=2)
+    ap = cpu_bench.parser(__doc__, steps=15, threads=2, compiled=True)
     ap.add_argument("--size", default="tiny", help="BERT preset of factory/train/sizes.py")
     ap.add_argument("--vocab", type=int, default=30522)
     ap.add_argument("--batch", type=int, default=8)
@@ -43,7 +45,7 @@ def main() -> None:
                       **BERT_SIZES[args.size])
     runners = throughput.bert_runners(cfg, args.batch, args.seq, "fp32",
                                       backends=("local", "sdpa"), full_head=True,
-                                      megatron_engine="fp32")
+                                      megatron_engine="fp32", compiled=args.compiled)
     medians = throughput.time_interleaved(runners, args.steps, args.warmup)
     hf = medians["hf"]
     for name, m in medians.items():

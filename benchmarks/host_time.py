@@ -23,13 +23,11 @@ log = logging.getLogger("host_time")
 
 
 def main() -> None:
-    ap = cpu_bench.parser(__doc__, steps=40, threads=1)
+    ap = cpu_bench.parser(__doc__, steps=40, threads=1, compiled=True)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--compiled", action="store_true",
-                    help="add the torch.compile'd rows (about 20 s of compiling first)")
     args = ap.parse_args()
     cpu_bench.start(args)
 
