@@ -44,6 +44,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -103,10 +104,9 @@ def check_exactness(results: dict) -> None:
 
 
 def gpt_1b(results: dict, out_dir: Path) -> None:
-    """Per engine in GPT_ENGINES (default both) and micro batch in GPT_MICROS: the loop's own
-    step; a profile of each engine's fastest micro batch (OUT_DIR/gpt_profile[_ENGINE].txt)."""
-    from factory.train.schedule import LRSchedule
-
+    """Per engine in GPT_ENGINES (default torch, torch-compiled, megatron) and micro batch in
+    GPT_MICROS: the loop's own step; a profile of each engine's fastest micro batch
+    (OUT_DIR/gpt_profile[_ENGINE].txt)."""
     seq = 64 if DRY else 2048
     micros = [2] if DRY else [int(m) for m in os.environ.get("GPT_MICROS", "4 8 16").split()]
     engines = os.environ.get("GPT_ENGINES", "torch torch-compiled megatron").split()
@@ -116,73 +116,84 @@ def gpt_1b(results: dict, out_dir: Path) -> None:
                       max_position_embeddings=seq, hidden_dropout=0.0, attention_dropout=0.0,
                       layernorm_epsilon=1e-5, tie_embeddings=False,
                       **GPT_SIZES["smoke" if DRY else "1b"])
-    dev = throughput.device()
     flops = loop.flops_per_token(cfg.num_layers, cfg.hidden_size, seq, cfg.matmul_parameters())
-    peak = loop.peak_flops_per_s()
     results.update(seq=seq, flops_per_token=flops, runs={}, best_micro={})
-    data = Synthetic(vocab, seq, max(micros))
+    setup = SimpleNamespace(cfg=cfg, data=Synthetic(vocab, seq, max(micros)), seq=seq,
+                            micros=micros, steps=steps, flops=flops,
+                            peak=loop.peak_flops_per_s(), out_dir=out_dir)
     for name in engines:
-        engine_name, _, variant = name.partition("-")
-        # The megatron engine's bf16 is bf16 parameters (no autocast), which runs on CPU too.
-        precision = PRECISION if engine_name == "torch" else "bf16"
-        torch.manual_seed(0)
-        model, optimizer = engine.build(build_model(cfg).to(dev), engine.EngineConfig(
-            name=engine_name, precision=precision, lr=3e-4, betas=(0.9, 0.95),
-            weight_decay=0.1))
-        if variant == "compiled":
-            compile_layers(model)
-        results["params"] = sum(p.numel() for p in engine.bare(model).parameters())
-
-        def loop_cfg(micro: int):
-            return loop.LoopConfig(
-                family="gpt", total_steps=10**6, global_batch_size=micro,
-                micro_batch_size=micro, seq_length=seq, engine=engine_name,
-                schedule=LRSchedule(lr=3e-4, total_steps=10**6, warmup_steps=0),
-                precision=precision, flops_per_token=flops)
-
-        runs = results["runs"][name] = {}
-        best = None
-        for micro in micros:
-            lc = loop_cfg(micro)
-            try:
-                times, losses = [], []
-                for i in range(3 + steps):
-                    throughput._sync()
-                    t0 = time.perf_counter()
-                    m = loop.train_step(model, optimizer, data, lc, i + 1)
-                    throughput._sync()
-                    losses.append(m["loss"])
-                    if i >= 3:
-                        times.append(time.perf_counter() - t0)
-            except torch.OutOfMemoryError as e:
-                runs[str(micro)] = {"error": f"out of memory: {e}"[:300]}
-                torch.cuda.empty_cache()
-                continue
-            t = statistics.median(times)
-            tps = micro * seq / t
-            run = runs[str(micro)] = {
-                "step_s": t, "tokens_per_s": tps, "mfu": tps * flops / peak if peak else None,
-                "losses": losses,
-                "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                   if torch.cuda.is_available() else None)}
-            log.info("gpt 1b %s micro %d: %.3f s/step, %.0f tokens/s, MFU %s", name, micro, t,
-                     tps, run["mfu"])
-            if best is None or tps > runs[str(best)]["tokens_per_s"]:
-                best = micro
-        if best is not None:
-            # What bounds the step: GPU time by kernel over two steps.
-            results["best_micro"][name] = best
-            lc = loop_cfg(best)
-            prof, table = _profile(functools.partial(loop.train_step, model, optimizer,
-                                                     data, lc, 100))
-            suffix = "" if name == "torch" else f"_{name}"
-            (out_dir / f"gpt_profile{suffix}.txt").write_text(table + "\n")
-            results.setdefault("profile_summary", {})[name] = _kernel_summary(prof)
-            log.info("gpt 1b %s profile: %s", name, results["profile_summary"][name])
-        del model, optimizer
+        try:
+            _gpt_engine(results, name, setup)
+        except Exception as e:     # a variant that fails (no Triton, say) loses no other
+            results["runs"].setdefault(name, {})["error"] = _error(e)
+            traceback.print_exc()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+
+
+def _gpt_engine(results: dict, name: str, setup: SimpleNamespace) -> None:
+    """gpt_1b for one GPT_ENGINES entry (ENGINE or ENGINE-compiled)."""
+    from factory.train.schedule import LRSchedule
+
+    cfg, data, seq, flops, peak = setup.cfg, setup.data, setup.seq, setup.flops, setup.peak
+    engine_name, _, variant = name.partition("-")
+    # The megatron engine's bf16 is bf16 parameters (no autocast), which runs on CPU too.
+    precision = PRECISION if engine_name == "torch" else "bf16"
+    torch.manual_seed(0)
+    model, optimizer = engine.build(build_model(cfg).to(throughput.device()), engine.EngineConfig(
+        name=engine_name, precision=precision, lr=3e-4, betas=(0.9, 0.95),
+        weight_decay=0.1))
+    if variant == "compiled":
+        compile_layers(model)
+    results["params"] = sum(p.numel() for p in engine.bare(model).parameters())
+
+    def loop_cfg(micro: int):
+        return loop.LoopConfig(
+            family="gpt", total_steps=10**6, global_batch_size=micro,
+            micro_batch_size=micro, seq_length=seq, engine=engine_name,
+            schedule=LRSchedule(lr=3e-4, total_steps=10**6, warmup_steps=0),
+            precision=precision, flops_per_token=flops)
+
+    runs = results["runs"][name] = {}
+    best = None
+    for micro in setup.micros:
+        lc = loop_cfg(micro)
+        try:
+            times, losses = [], []
+            for i in range(3 + setup.steps):
+                throughput._sync()
+                t0 = time.perf_counter()
+                m = loop.train_step(model, optimizer, data, lc, i + 1)
+                throughput._sync()
+                losses.append(m["loss"])
+                if i >= 3:
+                    times.append(time.perf_counter() - t0)
+        except torch.OutOfMemoryError as e:
+            runs[str(micro)] = {"error": f"out of memory: {e}"[:300]}
+            torch.cuda.empty_cache()
+            continue
+        t = statistics.median(times)
+        tps = micro * seq / t
+        run = runs[str(micro)] = {
+            "step_s": t, "tokens_per_s": tps, "mfu": tps * flops / peak if peak else None,
+            "losses": losses,
+            "max_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                               if torch.cuda.is_available() else None)}
+        log.info("gpt 1b %s micro %d: %.3f s/step, %.0f tokens/s, MFU %s", name, micro, t,
+                 tps, run["mfu"])
+        if best is None or tps > runs[str(best)]["tokens_per_s"]:
+            best = micro
+    if best is not None:
+        # What bounds the step: GPU time by kernel over two steps.
+        results["best_micro"][name] = best
+        lc = loop_cfg(best)
+        prof, table = _profile(functools.partial(loop.train_step, model, optimizer,
+                                                 data, lc, 100))
+        suffix = "" if name == "torch" else f"_{name}"
+        (setup.out_dir / f"gpt_profile{suffix}.txt").write_text(table + "\n")
+        results.setdefault("profile_summary", {})[name] = _kernel_summary(prof)
+        log.info("gpt 1b %s profile: %s", name, results["profile_summary"][name])
 
 
 def _kernel_summary(prof) -> dict[str, float]:
@@ -223,9 +234,17 @@ def bert_base(results: dict, out_dir: Path) -> None:
         if n == 0:
             runners["megatron-its-tp-ops"] = throughput.on_megatron_tp_ops(
                 runners["megatron-its-tp-ops"])
+        errors = {}
+        for name, step in list(runners.items()):   # a row that cannot run loses no other
+            try:
+                step()      # compiles a compiled row
+            except Exception as e:
+                errors[name] = _error(e)
+                traceback.print_exc()
+                del runners[name]
         med = throughput.time_interleaved(runners, steps, warmup=3)
         res = results[shape] = {
-            "batch": batch, "seq": seq, "step_s": med,
+            "batch": batch, "seq": seq, "step_s": med, "errors": errors,
             "tokens_per_s": {k: batch * seq / v for k, v in med.items()},
             "speedup_vs_hf": {k: med["hf"] / v for k, v in med.items()}}
         log.info("bert base %s: %s", shape, res["speedup_vs_hf"])
@@ -233,6 +252,8 @@ def bert_base(results: dict, out_dir: Path) -> None:
             res["profile_summary"] = {}
             for name in ("hf", "megatron", "megatron-its-tp-ops", "megatron-engine",
                          "hf-compiled", "megatron-compiled"):
+                if name not in runners:
+                    continue
                 prof, table = _profile(runners[name])
                 tables.append(f"== {name} {shape}\n{table}")
                 res["profile_summary"][name] = _kernel_summary(prof)
@@ -305,6 +326,20 @@ def _pretrain_stage(results: dict, inputs: Path, work: Path, engine_name: str) -
     log.info("pretrain stage (%s engine): %s", engine_name, results)
 
 
+def _error(e: Exception) -> str:
+    return f"{e.__class__.__name__}: {e}"[:2000]
+
+
+def _triton_version() -> str | None:
+    """What training.compile's GPU kernels need (torch's CUDA wheels ship it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("triton")
+    except PackageNotFoundError:
+        return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out_dir", type=Path)
@@ -315,7 +350,7 @@ def main() -> int:
     parallel.init()
     results: dict = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _triton_version(),
         "attention_backend": attention.backend(), "peak_flops_per_s": loop.peak_flops_per_s()}
     log.info("%s", results)
     sections = [("check", check_exactness), ("gpt_1b", lambda r: gpt_1b(r, args.out_dir)),
@@ -334,7 +369,7 @@ def main() -> int:
             fn(results[name])
         except Exception as e:     # keep what the other sections measure
             failed = True
-            results[name]["error"] = f"{e.__class__.__name__}: {e}"[:2000]
+            results[name]["error"] = _error(e)
             traceback.print_exc()
         results[name]["section_seconds"] = time.perf_counter() - t0
         if torch.cuda.is_available():

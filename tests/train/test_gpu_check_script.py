@@ -31,6 +31,8 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert set(shape["step_s"]) == {"hf", "megatron", "megatron-fullhead", "megatron-its-tp-ops",
                                     "megatron-engine", "hf-compiled", "megatron-compiled"}
     assert "error" not in out["bert_base"] and "error" not in out["gpt_1b"]
+    assert shape["errors"] == {}
+    assert not any("error" in run for run in out["gpt_1b"]["runs"].values())
     assert (tmp_path / "gpt_profile.txt").stat().st_size > 0
     assert (tmp_path / "gpt_profile_megatron.txt").stat().st_size > 0
     profiles = (tmp_path / "bert_profile.txt").read_text()
