@@ -24,8 +24,9 @@ time limit loses nothing already measured):
   pretrain_stage  with --inputs (the vocab/ and pack/ of `factory run domains/biomedical.yaml
                   --scale smoke --until pack`): the real pretrain stage on the GPU (precision
                   auto -> bf16, attention auto -> SDPA), 40 steps, per engine in
-                  STAGE_ENGINES (default torch and megatron); then a resume from its step-30
-                  checkpoint, whose losses are compared with the uninterrupted run's.
+                  STAGE_ENGINES (default torch, megatron and torch-compiled:
+                  training.compile); then a resume from its step-30 checkpoint, whose
+                  losses are compared with the uninterrupted run's.
 GPU_CHECK_SECTIONS=bert_base,... runs only those sections. DRY_RUN=1 runs every section on
 CPU at toy sizes (checks this script without a GPU).
 """
@@ -157,7 +158,11 @@ def _gpt_engine(results: dict, name: str, setup: SimpleNamespace) -> None:
 
     runs = results["runs"][name] = {}
     best = None
-    for micro in setup.micros:
+    # Compiled: at the uncompiled engine's best micro batch only (a second shape would
+    # compile a second graph: a minute of the check's time).
+    micros = [results["best_micro"].get(engine_name, max(setup.micros))] if variant else \
+        setup.micros
+    for micro in micros:
         lc = loop_cfg(micro)
         try:
             times, losses = [], []
@@ -281,21 +286,27 @@ def _profile(step, steps: int = 2):
 
 
 def pretrain_stage(results: dict, inputs: Path, work: Path) -> None:
-    """The real stage per engine in STAGE_ENGINES (default both), then a resume from its
-    step-30 checkpoint."""
-    for name in os.environ.get("STAGE_ENGINES", "torch megatron").split():
+    """The real stage per engine in STAGE_ENGINES (ENGINE or ENGINE-compiled), then a
+    resume from its step-30 checkpoint."""
+    for name in os.environ.get("STAGE_ENGINES", "torch megatron torch-compiled").split():
         results[name] = {}
-        _pretrain_stage(results[name], inputs, work / name, name)
+        try:
+            _pretrain_stage(results[name], inputs, work / name, name)
+        except Exception as e:     # one engine failing loses no other
+            results[name]["error"] = _error(e)
+            traceback.print_exc()
 
 
-def _pretrain_stage(results: dict, inputs: Path, work: Path, engine_name: str) -> None:
+def _pretrain_stage(results: dict, inputs: Path, work: Path, name: str) -> None:
     from factory import manifest
     from factory.stage import StageContext
     from factory.train import checkpoint
     from factory.train.stage import PretrainStage
 
+    engine_name, _, variant = name.partition("-")
     loaded = manifest.load(REPO / "domains" / "biomedical.yaml", scale="smoke",
-                           overrides=[f"parallel.engine={engine_name}"])
+                           overrides=[f"parallel.engine={engine_name}",
+                                      f"training.compile={variant == 'compiled'}"])
     stage = PretrainStage.from_manifest(loaded)
     ins = {"vocab": inputs / "vocab", "pack": inputs / "pack"}
     first = work / "uninterrupted"
@@ -323,7 +334,7 @@ def _pretrain_stage(results: dict, inputs: Path, work: Path, engine_name: str) -
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(rows, again, strict=True)]
     results["resume"] = {"from_step": resume_from, "max_abs_loss_diff": max(diffs),
                          "max_abs_loss_diff_after_resume": max(diffs[resume_from:])}
-    log.info("pretrain stage (%s engine): %s", engine_name, results)
+    log.info("pretrain stage (%s engine): %s", name, results)
 
 
 def _error(e: Exception) -> str:

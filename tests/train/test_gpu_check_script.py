@@ -43,11 +43,11 @@ def test_gpu_check_dry_run_measures_every_section(tmp_path):
     assert {"hf-compiled", "megatron-compiled"} <= set(shape["profile_summary"])
 
 
-@pytest.mark.slow  # a smoke run up to pack, then the stage section twice: about 40 s
+@pytest.mark.slow  # a smoke run up to pack, then the stage section three times: about 70 s
 def test_prepared_inputs_feed_the_pretrain_stage_section(tmp_path):
     """gpu_prepare.sh's vocab/ and pack/ (the wheels are left out: no download in a test) run
-    the real pretrain stage under both engines, and each resumes from its step-30 checkpoint
-    to the uninterrupted losses."""
+    the real pretrain stage under both engines and compiled, and each resumes from its step-30
+    checkpoint to the uninterrupted losses."""
     env = {**os.environ, "PYTHON": sys.executable, "SKIP_WHEELS": "1"}
     inputs = tmp_path / "inputs"
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_prepare.sh"), "",
@@ -61,7 +61,7 @@ def test_prepared_inputs_feed_the_pretrain_stage_section(tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     stage = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["pretrain_stage"]
-    for engine in ("torch", "megatron"):
+    for engine in ("torch", "megatron", "torch-compiled"):
         run = stage[engine]
         assert run["steps"] == 40 and run["last_loss"] < run["first_loss"], engine
         assert run["resume"]["from_step"] == 30
