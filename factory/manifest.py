@@ -244,6 +244,13 @@ class Training(_Strict):
     recompute: Literal["none", "selective", "full"] = Field(
         "none", description="activation recomputation: selective = core attention, full = "
                             "every layer (least memory, about a third more compute)")
+    eval_interval: int | None = Field(
+        None, gt=0, description="every N steps and at the last: the loss on eval_samples fixed "
+                                "held-out sequences (pack/heldout), logged as val_loss and "
+                                "val_ppl (Megatron-LM's --eval-interval); null: off")
+    eval_samples: int = Field(
+        64, gt=0, description="held-out sequences per evaluation, rounded up to whole "
+                              "global batches (the same under any parallel layout)")
     compile: bool = Field(
         False, description="torch.compile each transformer layer (fused elementwise kernels, "
                            "fewer launches); the first step compiles; on CPU it needs a C++ "

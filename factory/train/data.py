@@ -135,6 +135,25 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
     return TrainData(family, PhasedDataset(parts), seq_length)
 
 
+def build_heldout_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenizer,
+                          seq_length: int, num_samples: int, seed: int, cache_dir: Path,
+                          mask_prob: float = 0.15, whole_word_masking: bool = True
+                          ) -> TrainData:
+    """`num_samples` fixed sequences of the pack's held-out split (masked as in training for
+    bert, the masks a function of the seed and the index): what training.eval_interval
+    evaluates. Fewer held-out sequences than that are cycled in megatron's epochs."""
+    meta_path = pack_dir / "pack.json"
+    try:
+        prefix = pack_dir / json.loads(meta_path.read_text())["heldout"]["prefix"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{meta_path}: no held-out split ({e.__class__.__name__}: {e}); rerun "
+                        "the pack stage, or set training.eval_interval: null") from None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ds = _build_blend(family, [str(prefix)], [1.0], tokenizer, seq_length, num_samples, seed,
+                      cache_dir, mask_prob, whole_word_masking, pack_dir)
+    return TrainData(family, ds, seq_length)
+
+
 def _build_blend(family, prefixes, weights, tokenizer, seq_length, num_samples, seed,
                  cache_dir, mask_prob, whole_word_masking, pack_dir):
     """One megatron dataset (blended over `prefixes` when more than one)."""

@@ -54,6 +54,8 @@ class LoopConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     engine: Literal["torch", "megatron"] = "torch"     # factory/train/engine.py
     flops_per_token: float | None = None    # training FLOPs per token, for MFU (GPU only)
+    eval_interval: int | None = None        # steps between held-out evaluations; None: none
+    eval_samples: int = 0                   # a multiple of global_batch_size
 
     def checkpoint_steps_to_keep(self, step: int) -> set[int]:
         """The last `keep_checkpoints` interval checkpoints up to `step`, plus the final one."""
@@ -158,6 +160,39 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
     return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": float(grad_norm)}
 
 
+def evaluate(model: torch.nn.Module, data: TrainData, cfg: LoopConfig) -> dict[str, float]:
+    """val_loss (token-weighted mean, as the training loss) and val_ppl over samples
+    [0, cfg.eval_samples) of `data`, dropout off, no gradients, split over the data-parallel
+    ranks like a training step. Reads no random state, so training continues as if it had
+    not run (resume stays exact)."""
+    import torch.distributed as dist
+
+    dp_rank, dp_size, dp_group = _dp()
+    per_rank = cfg.eval_samples // dp_size
+    device = _device()
+    micro = [{k: v.to(device, non_blocking=True)
+              for k, v in data.batch(dp_rank * per_rank + i, cfg.micro_batch_size).items()}
+             for i in range(0, per_rank, cfg.micro_batch_size)]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if _pipeline_size() > 1:
+                loss_sum = _pipeline_forward_backward(model, micro, cfg, None, device)
+            else:
+                loss_sum = torch.zeros((), device=device)
+                for batch in micro:
+                    with autocast(cfg.precision if cfg.engine == "torch" else "fp32", device):
+                        per_token = forward_loss(model, cfg.family, batch)
+                    loss_sum += (per_token.float() * batch["loss_mask"]).sum()
+    finally:
+        model.train()
+    totals = torch.stack([loss_sum.float(), sum(b["loss_mask"].sum() for b in micro)])
+    if dp_group is not None:
+        dist.all_reduce(totals, group=dp_group)
+    loss = float(totals[0] / totals[1].clamp_min(1.0))
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
 def _pipeline_size() -> int:
     from megatron.core import parallel_state
 
@@ -167,11 +202,12 @@ def _pipeline_size() -> int:
 
 
 def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]],
-                               cfg: LoopConfig, n_tokens: torch.Tensor, device: torch.device
-                               ) -> torch.Tensor:
+                               cfg: LoopConfig, n_tokens: torch.Tensor | None,
+                               device: torch.device) -> torch.Tensor:
     """Forward and backward of every micro-batch through megatron's 1F1B pipeline schedule
     (interleaved over the model chunks when there are several); the step's summed loss on
-    every pipeline rank (only the last stage computes it).
+    every pipeline rank (only the last stage computes it). n_tokens None: forward only
+    (evaluation).
 
     Every rank holds the same micro-batches: the first stage reads the tokens, the last the
     labels and loss mask, the stages between receive activations from the previous one.
@@ -187,6 +223,8 @@ def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, tor
 
         def loss(per_token):
             summed = (per_token.float() * batch["loss_mask"]).sum()
+            if n_tokens is None:    # the schedule divides what it gets in place: a copy
+                return summed.clone(), {"loss_sum": summed.detach()}
             # The schedule divides by the micro-batch count; the loss is the global mean.
             return summed * len(micro) / n_tokens, {"loss_sum": summed.detach()}
 
@@ -198,12 +236,12 @@ def _pipeline_forward_backward(model: torch.nn.Module, micro: list[dict[str, tor
     stored = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=[iter(micro) for _ in chunks],
         model=chunks, num_microbatches=len(micro), seq_length=cfg.seq_length,
-        micro_batch_size=cfg.micro_batch_size, forward_only=False)
+        micro_batch_size=cfg.micro_batch_size, forward_only=n_tokens is None)
     loss_sum = torch.stack([s["loss_sum"] for s in stored]).sum() if stored else \
         torch.zeros((), device=device)
     dist.all_reduce(loss_sum, group=parallel_state.get_pipeline_model_parallel_group())
-    if cfg.engine == "torch":       # megatron's finalize_model_grads did it on its buffers
-        _sync_shared_embeddings(model)
+    if cfg.engine == "torch" and n_tokens is not None:
+        _sync_shared_embeddings(model)  # megatron's finalize_model_grads did it on its buffers
     return loss_sum
 
 
@@ -317,8 +355,10 @@ def is_writer() -> bool:
 def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainData,
           cfg: LoopConfig, *, start_step: int, metrics_path: Path,
           on_metrics: Callable[[int, dict[str, float]], None],
-          on_checkpoint: Callable[[int], None], track: Any = None) -> None:
-    """Steps start_step+1 .. total_steps; one metrics.jsonl line per step, then checkpoints."""
+          on_checkpoint: Callable[[int], None], track: Any = None,
+          eval_data: TrainData | None = None) -> None:
+    """Steps start_step+1 .. total_steps; one metrics.jsonl line per step (with val_loss and
+    val_ppl on evaluation steps, when eval_data is given), then checkpoints."""
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     _, dp_size, _ = _dp()
     log.info("training steps %d..%d: %d micro-batches of %d per step on each of %d "
@@ -339,6 +379,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
             m.update(tokens_per_s=tokens_per_step / dt, tokens=float(step * tokens_per_step))
             if peak:
                 m["mfu"] = m["tokens_per_s"] * cfg.flops_per_token / (peak * _world())
+            if eval_data is not None and cfg.eval_interval and \
+                    (step % cfg.eval_interval == 0 or step == cfg.total_steps):
+                m.update(evaluate(model, eval_data, cfg))
             if writer:
                 f.write(json.dumps({"step": step, **m}) + "\n")
                 f.flush()

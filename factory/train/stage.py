@@ -209,6 +209,10 @@ class PretrainStage(Stage):
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
             t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
             whole_word_masking=t.whole_word_masking is not False, plan=plan)
+        eval_data = None if not t.eval_interval else data.build_heldout_dataset(
+            c.family, pack_dir, tokenizer, t.seq_length, cfg.eval_samples, t.seed,
+            ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
+            whole_word_masking=t.whole_word_masking is not False)
 
         metrics_path = ctx.out / "metrics.jsonl"
         start = 0
@@ -238,6 +242,9 @@ class PretrainStage(Stage):
             if step % t.log_interval == 0 or step == c.steps:
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s", step,
                          c.steps, m["loss"], m["lr"], m["grad_norm"], m["tokens_per_s"])
+            if "val_loss" in m:
+                log.info("step %d/%d val_loss %.4f val_ppl %.2f (%d held-out sequences)",
+                         step, c.steps, m["val_loss"], m["val_ppl"], cfg.eval_samples)
 
         def on_checkpoint(step: int) -> None:
             checkpoint.save(ckpt_root, step, model, optimizer, step * t.global_batch_size,
@@ -251,7 +258,7 @@ class PretrainStage(Stage):
                 track.advance(start)
             loop.train(model, optimizer, train_data, cfg, start_step=start,
                        metrics_path=metrics_path, on_metrics=on_metrics,
-                       on_checkpoint=on_checkpoint, track=track)
+                       on_checkpoint=on_checkpoint, track=track, eval_data=eval_data)
 
         parallel.barrier()
         if not writer:
@@ -399,7 +406,10 @@ class PretrainStage(Stage):
             betas=tuple(t.optimizer.betas), eps=t.optimizer.eps,
             weight_decay=t.optimizer.weight_decay, clip_grad=t.clip_grad,
             checkpoint_interval=t.checkpoint_interval, precision=precision,
-            engine=engine_name, flops_per_token=flops)
+            engine=engine_name, flops_per_token=flops, eval_interval=t.eval_interval,
+            # Whole global batches (Megatron-LM's --eval-iters): whole micro-batches on every
+            # data-parallel rank, and the same samples under any layout.
+            eval_samples=-(-t.eval_samples // t.global_batch_size) * t.global_batch_size)
 
 
 def _dropout(value: float | None, strategy: str) -> float | None:
@@ -435,4 +445,5 @@ def _headline(rows: list[dict], log_interval: int) -> dict[str, float]:
         "tokens": float(rows[-1]["tokens"]),
         # Median: robust to the first step's warm-up and checkpoint-time hiccups.
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+        **({"final_val_loss": rows[-1]["val_loss"]} if "val_loss" in rows[-1] else {}),
     }

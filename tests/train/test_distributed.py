@@ -20,7 +20,10 @@ from tests.train.test_resume import kill_after_checkpoint
 
 STEPS, INTERVAL = 12, 4
 COMMON = (f"training.steps={STEPS}", f"training.checkpoint_interval={INTERVAL}",
-          "model.hidden_dropout=0", "model.attention_dropout=0")
+          "model.hidden_dropout=0", "model.attention_dropout=0",
+          # Held-out evaluations at 4, 8, 12: split over data-parallel ranks, forward-only
+          # through the pipeline schedule, they must give the one-process val_loss too.
+          f"training.eval_interval={INTERVAL}", "training.eval_samples=12")
 
 
 def probe_batch(vocab: int = 2048):
@@ -75,6 +78,8 @@ def _assert_trains_like_single(tmp_path: Path, names: tuple[str, ...], loss_abs:
         assert _losses(tmp_path / name) == pytest.approx(reference, abs=loss_abs), name
         assert [r["grad_norm"] for r in _rows(tmp_path / name)] == pytest.approx(
             norms, rel=norm_rel), name
+        assert _val(tmp_path / name) == pytest.approx(_val(tmp_path / "single"),
+                                                      abs=loss_abs), name
     return reference
 
 
@@ -101,6 +106,13 @@ def _losses(out: Path) -> list[float]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     return [r["loss"] for r in rows]
+
+
+def _val(out: Path) -> list[float]:
+    """The held-out losses of COMMON's evaluations (steps 4, 8, 12)."""
+    rows = [r for r in _rows(out) if "val_loss" in r]
+    assert [r["step"] for r in rows] == list(range(INTERVAL, STEPS + 1, INTERVAL)), out
+    return [r["val_loss"] for r in rows]
 
 
 def _logits(pretrain: Path):
@@ -151,6 +163,11 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
     assert _losses(tmp_path / "tp2_sp") == pytest.approx(reference, abs=1e-4)
     assert dp2 == pytest.approx(reference, abs=1e-5)
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
+    val = _val(single)
+    assert val[-1] < val[0] - 0.1, "held-out loss did not move: a vacuous comparison"
+    assert _val(tmp_path / "dp2") == pytest.approx(val, abs=1e-5)
+    assert _val(tmp_path / "tp2") == pytest.approx(val, abs=1e-4)
+    assert _val(tmp_path / "tp2_sp") == pytest.approx(val, abs=1e-4)
     # The grad norm counts each parameter once across TP ranks (clipping is active: norm > 1).
     norms = {name: [r["grad_norm"] for r in _rows(tmp_path / name)]
              for name in ("single", "tp2", "dp2", "tp2_sp")}
@@ -185,6 +202,7 @@ def test_tensor_and_data_parallel_match_one_process_and_resume_exactly(bert_inpu
 
     # The killed TP=2 run, rerun: the losses are the uninterrupted TP=2 run's.
     assert _losses(attempt) == pytest.approx(tp2, abs=1e-6)
+    assert _val(attempt) == pytest.approx(_val(tmp_path / "tp2"), abs=1e-6)
 
     # Its optimizer state is cut for TP=2: resumed in one process it is refused.
     _assert_layout_change_refused(tmp_path / "tp2", bert_inputs, *COMMON)
@@ -308,6 +326,7 @@ def test_megatron_engine_data_parallel_matches_and_resumes(bert_inputs, tmp_path
     reference, dp2 = _losses(tmp_path / "single"), _losses(tmp_path / "dp2")
     assert reference[-1] < reference[0] - 0.2, "the run did not learn: a vacuous comparison"
     assert dp2 == pytest.approx(reference, abs=1e-5)
+    assert _val(tmp_path / "dp2") == pytest.approx(_val(tmp_path / "single"), abs=1e-5)
     assert _losses(tmp_path / "tp2") == pytest.approx(reference, abs=1e-4)
     assert _losses(tmp_path / "tp2_sp") == pytest.approx(reference, abs=1e-4)
     norms = [[r["grad_norm"] for r in _rows(tmp_path / name)]
