@@ -108,7 +108,9 @@ def _curves_png(curves: dict[str, list[tuple[float, float]]], path: Path, ylabel
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+        # A curve of a few evaluations shows its points.
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name,
+                marker="o" if len(pts) <= 20 else None)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if len(curves) > 1:
@@ -251,11 +253,19 @@ def _training_section(page: Page, run_dir: Path) -> None:
         return
     page.heading("Pretraining")
     tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    page.table(["steps", "first loss", "last loss", "median tokens/s", "tokens"], [[
-        rows[-1]["step"], rows[0]["loss"], rows[-1]["loss"],
+    held = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    page.table(["steps", "first loss", "last loss", "held-out loss (last evaluation)",
+                "median tokens/s", "tokens"], [[
+        rows[-1]["step"], rows[0]["loss"], rows[-1]["loss"], held[-1][1] if held else None,
         sorted(tps)[len(tps) // 2] if tps else None, rows[-1].get("tokens")]])
-    page.image(_curves_png({"train": [(r["step"], r["loss"]) for r in rows]},
-                           run_dir / "report_loss.png", "loss (nats/token)"), "loss curve")
+    curves = {"train": [(r["step"], r["loss"]) for r in rows]}
+    if held:
+        curves["held-out (training.eval_interval)"] = held
+    general = [(r["step"], r["val_general_loss"]) for r in rows if "val_general_loss" in r]
+    if general:
+        curves["general English held-out"] = general
+    page.image(_curves_png(curves, run_dir / "report_loss.png", "loss (nats/token)"),
+               "loss curve")
 
 
 def _evaluation_section(page: Page, run_dir: Path) -> None:

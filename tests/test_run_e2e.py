@@ -88,6 +88,11 @@ def test_mlflow_holds_parent_child_runs_metrics_and_the_model(smoke):
     assert sorted(by_name) == sorted(STAGES)
     loss = client.get_metric_history(by_name["pretrain"].info.run_id, "loss")
     assert sorted(m.step for m in loss) == sorted(smoke["losses"])
+    # The manifest's eval_interval is beyond the smoke run: one held-out loss, at its end.
+    for name in ("val_loss", "val_general_loss"):   # the domain's and general English
+        val = client.get_metric_history(by_name["pretrain"].info.run_id, name)
+        assert [m.step for m in val] == [max(smoke["losses"])], name
+        assert 0 < val[0].value < 20
     assert by_name["evaluate"].data.metrics["ncbi_disease_f1"] == pytest.approx(
         smoke["summary"]["stages"]["evaluate"]["metrics"]["ncbi_disease_f1"])
     versions = client.search_model_versions("name = 'biomedical-bert'")
@@ -105,6 +110,8 @@ def test_run_report_has_every_section_and_inlines_its_plots(smoke):
         assert section in md
     final = smoke["summary"]["stages"]["evaluate"]["metrics"]["ncbi_disease_f1"]
     assert f"{final:.4g}" in md
+    held = smoke["summary"]["stages"]["pretrain"]["metrics"]["final_val_loss"]
+    assert "held-out loss (last evaluation)" in md and f"{held:.4g}" in md
     page = (smoke["run_dir"] / "report.html").read_text()
     assert "data:image/png;base64," in page and "report_loss.png" not in page
 

@@ -1,8 +1,10 @@
 """The pack stage: tokenize the corpus into megatron-core indexed datasets (.bin/.idx).
 
 Reads corpus/train/<source>/*.jsonl.gz, corpus/heldout/*.jsonl.gz and vocab/tokenizer/;
-writes <source>_train.bin/.idx per source, heldout.bin/.idx, unigram_counts.npy (int64 count
-per token id over the training .bin files) and pack.json (the pack/ contract).
+writes <source>_train.bin/.idx per source, heldout.bin/.idx, general_heldout.bin/.idx (the
+shipped general-English held-out text, domains/general/: what training.eval_interval measures
+forgetting on), unigram_counts.npy (int64 count per token id over the training .bin files)
+and pack.json (the pack/ contract).
 
 bert: a document is stored as its list of sentences, one sequence each (Megatron-LM's
 preprocess_data.py --split-sentences), no special tokens: the BERT dataset adds [CLS]/[SEP].
@@ -27,7 +29,9 @@ import numpy as np
 from pydantic import Field
 
 from factory.corpus.blend import BlendSource
+from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
+from factory.vocab import GENERAL_TEXT
 from tokenization.io import batched
 
 if TYPE_CHECKING:
@@ -37,6 +41,7 @@ logger = logging.getLogger(__name__)
 
 BATCH_DOCS = 512
 HELDOUT_PREFIX = "heldout"
+GENERAL_PREFIX = "general_heldout"
 
 # A sentence ends at . ! ? (optionally closed by a quote or bracket) followed by whitespace and
 # a capital letter or digit (optionally after an opening quote/bracket); a line break always
@@ -168,6 +173,9 @@ class PackStage(Stage):
             sources=[PackSource(name=s.name, weight=s.weight, epochs=s.epochs)
                      for s in m.corpus.sources]))
 
+    def fingerprint(self) -> dict[str, str]:
+        return {"general_heldout": file_digest([GENERAL_TEXT])} if GENERAL_TEXT.is_file() else {}
+
     def run(self, ctx: StageContext) -> dict[str, float]:
         from tokenization.io import iter_texts, shard_files
         from tokenization.megatron import MegatronTokenizer
@@ -186,6 +194,9 @@ class PackStage(Stage):
                  counts) for s in c.sources]
         plan.append((HELDOUT_PREFIX, shard_files(corpus / "heldout", "*.jsonl.gz"),
                      HELDOUT_PREFIX, None))
+        if GENERAL_TEXT.is_file():
+            plan.append((GENERAL_PREFIX, [GENERAL_TEXT], GENERAL_PREFIX, None))
+            docs_total += sum(1 for _ in iter_texts([GENERAL_TEXT]))
         for name, files, _, _ in plan:
             if not files:
                 where = "heldout" if name == HELDOUT_PREFIX else f"train/{name}"
@@ -239,9 +250,9 @@ class PackStage(Stage):
                            name, packer.skipped)
         entry = {"prefix": prefix, "docs": packer.docs, "sequences": packer.sequences,
                  "tokens": packer.tokens}
-        if name == HELDOUT_PREFIX:
-            meta["heldout"] = entry
-            metrics["heldout_tokens"] = float(packer.tokens)
+        if name in (HELDOUT_PREFIX, GENERAL_PREFIX):
+            meta[name] = entry
+            metrics[f"{name}_tokens"] = float(packer.tokens)
         else:
             weight = next(s.weight for s in c.sources if s.name == name)
             meta["sources"][name] = {"prefix": prefix, "weight": weight,

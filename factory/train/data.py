@@ -135,18 +135,28 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
     return TrainData(family, PhasedDataset(parts), seq_length)
 
 
+def heldout_splits(pack_dir: Path) -> list[str]:
+    """The held-out splits a pack/ holds: `heldout` (the domain's), and `general_heldout`
+    (general English) from packs that have it."""
+    try:
+        meta = json.loads((pack_dir / "pack.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [s for s in ("heldout", "general_heldout") if isinstance(meta.get(s), dict)]
+
+
 def build_heldout_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenizer,
                           seq_length: int, num_samples: int, seed: int, cache_dir: Path,
-                          mask_prob: float = 0.15, whole_word_masking: bool = True
-                          ) -> TrainData:
-    """`num_samples` fixed sequences of the pack's held-out split (masked as in training for
-    bert, the masks a function of the seed and the index): what training.eval_interval
+                          mask_prob: float = 0.15, whole_word_masking: bool = True,
+                          split: str = "heldout") -> TrainData:
+    """`num_samples` fixed sequences of the pack's held-out `split` (masked as in training
+    for bert, the masks a function of the seed and the index): what training.eval_interval
     evaluates. Fewer held-out sequences than that are cycled in megatron's epochs."""
     meta_path = pack_dir / "pack.json"
     try:
-        prefix = pack_dir / json.loads(meta_path.read_text())["heldout"]["prefix"]
+        prefix = pack_dir / json.loads(meta_path.read_text())[split]["prefix"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{meta_path}: no held-out split ({e.__class__.__name__}: {e}); rerun "
+        raise UserError(f"{meta_path}: no {split} split ({e.__class__.__name__}: {e}); rerun "
                         "the pack stage, or set training.eval_interval: null") from None
     cache_dir.mkdir(parents=True, exist_ok=True)
     ds = _build_blend(family, [str(prefix)], [1.0], tokenizer, seq_length, num_samples, seed,

@@ -160,8 +160,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: T
     return {"loss": float(loss_sum / n_tokens), "lr": lr, "grad_norm": float(grad_norm)}
 
 
-def evaluate(model: torch.nn.Module, data: TrainData, cfg: LoopConfig) -> dict[str, float]:
-    """val_loss (token-weighted mean, as the training loss) and val_ppl over samples
+def evaluate(model: torch.nn.Module, data: TrainData, cfg: LoopConfig, name: str = "val"
+             ) -> dict[str, float]:
+    """NAME_loss (token-weighted mean, as the training loss) and NAME_ppl over samples
     [0, cfg.eval_samples) of `data`, dropout off, no gradients, split over the data-parallel
     ranks like a training step. Reads no random state, so training continues as if it had
     not run (resume stays exact)."""
@@ -190,7 +191,7 @@ def evaluate(model: torch.nn.Module, data: TrainData, cfg: LoopConfig) -> dict[s
     if dp_group is not None:
         dist.all_reduce(totals, group=dp_group)
     loss = float(totals[0] / totals[1].clamp_min(1.0))
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    return {f"{name}_loss": loss, f"{name}_ppl": math.exp(min(loss, 50.0))}
 
 
 def _pipeline_size() -> int:
@@ -356,9 +357,9 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
           cfg: LoopConfig, *, start_step: int, metrics_path: Path,
           on_metrics: Callable[[int, dict[str, float]], None],
           on_checkpoint: Callable[[int], None], track: Any = None,
-          eval_data: TrainData | None = None) -> None:
-    """Steps start_step+1 .. total_steps; one metrics.jsonl line per step (with val_loss and
-    val_ppl on evaluation steps, when eval_data is given), then checkpoints."""
+          eval_data: dict[str, TrainData] | None = None) -> None:
+    """Steps start_step+1 .. total_steps; one metrics.jsonl line per step (on evaluation
+    steps with NAME_loss and NAME_ppl per `eval_data` entry NAME: data), then checkpoints."""
     tokens_per_step = cfg.global_batch_size * cfg.seq_length
     _, dp_size, _ = _dp()
     log.info("training steps %d..%d: %d micro-batches of %d per step on each of %d "
@@ -379,9 +380,10 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: TrainD
             m.update(tokens_per_s=tokens_per_step / dt, tokens=float(step * tokens_per_step))
             if peak:
                 m["mfu"] = m["tokens_per_s"] * cfg.flops_per_token / (peak * _world())
-            if eval_data is not None and cfg.eval_interval and \
+            if eval_data and cfg.eval_interval and \
                     (step % cfg.eval_interval == 0 or step == cfg.total_steps):
-                m.update(evaluate(model, eval_data, cfg))
+                for name, held in eval_data.items():
+                    m.update(evaluate(model, held, cfg, name))
             if writer:
                 f.write(json.dumps({"step": step, **m}) + "\n")
                 f.flush()

@@ -209,10 +209,16 @@ class PretrainStage(Stage):
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
             t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
             whole_word_masking=t.whole_word_masking is not False, plan=plan)
-        eval_data = None if not t.eval_interval else data.build_heldout_dataset(
+        # val: the domain's held-out split; val_general: general English (forgetting), in
+        # packs that hold it.
+        splits = {"val": "heldout"}
+        if "general_heldout" in data.heldout_splits(pack_dir):
+            splits["val_general"] = "general_heldout"
+        eval_data = {name: data.build_heldout_dataset(
             c.family, pack_dir, tokenizer, t.seq_length, cfg.eval_samples, t.seed,
             ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
-            whole_word_masking=t.whole_word_masking is not False)
+            whole_word_masking=t.whole_word_masking is not False, split=split)
+            for name, split in splits.items()} if t.eval_interval else {}
 
         metrics_path = ctx.out / "metrics.jsonl"
         start = 0
@@ -243,8 +249,10 @@ class PretrainStage(Stage):
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s", step,
                          c.steps, m["loss"], m["lr"], m["grad_norm"], m["tokens_per_s"])
             if "val_loss" in m:
-                log.info("step %d/%d val_loss %.4f val_ppl %.2f (%d held-out sequences)",
-                         step, c.steps, m["val_loss"], m["val_ppl"], cfg.eval_samples)
+                general = f", general English {m['val_general_loss']:.4f}" \
+                    if "val_general_loss" in m else ""
+                log.info("step %d/%d held-out loss %.4f (ppl %.2f, %d sequences)%s", step,
+                         c.steps, m["val_loss"], m["val_ppl"], cfg.eval_samples, general)
 
         def on_checkpoint(step: int) -> None:
             checkpoint.save(ckpt_root, step, model, optimizer, step * t.global_batch_size,
@@ -445,5 +453,6 @@ def _headline(rows: list[dict], log_interval: int) -> dict[str, float]:
         "tokens": float(rows[-1]["tokens"]),
         # Median: robust to the first step's warm-up and checkpoint-time hiccups.
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
-        **({"final_val_loss": rows[-1]["val_loss"]} if "val_loss" in rows[-1] else {}),
+        **{f"final_{k}": rows[-1][k] for k in ("val_loss", "val_general_loss")
+           if k in rows[-1]},
     }

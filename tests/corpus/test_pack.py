@@ -107,6 +107,16 @@ def test_bert_pack_round_trip_two_sources(tmp_path):
     assert meta["heldout"]["prefix"] == "heldout" and len(held) == meta["heldout"]["docs"] == 15
     assert metrics["heldout_tokens"] == meta["heldout"]["tokens"] == sum(
         sum(len(s) for s in d) for d in held)
+    # General English (the shipped domains/general sample), for the forgetting curve.
+    from factory.vocab import GENERAL_TEXT
+
+    general = read_docs(out / "general_heldout")
+    texts = list(iter_texts([GENERAL_TEXT]))
+    assert meta["general_heldout"]["prefix"] == "general_heldout"
+    assert len(general) == meta["general_heldout"]["docs"] == len(texts) > 10
+    assert np.concatenate(general[0]).tolist() == tok.encode(texts[0],
+                                                             add_special_tokens=False).ids
+    assert metrics["general_heldout_tokens"] == meta["general_heldout"]["tokens"]
 
 
 def test_gpt_pack_appends_eod_and_feeds_megatron_gpt_dataset(tmp_path):

@@ -1,8 +1,9 @@
 """training.eval_interval: the held-out loss during pretraining (Megatron-LM's --eval-interval).
 
-It is the token-weighted mean loss over fixed held-out sequences (pack/heldout), the same
-number as evaluating the checkpoint in one batch; it lands in metrics.jsonl and the tracker;
-and it leaves training untouched (same losses as a run without it). Under data, tensor and
+It is the token-weighted mean loss over fixed held-out sequences (pack/heldout, and
+pack/general_heldout as val_general), the same number as evaluating the checkpoint in one
+batch; it lands in metrics.jsonl and the tracker; and it leaves training untouched (same
+losses as a run without it). Under data, tensor and
 pipeline parallel it equals one process's: tests/train/test_distributed.py.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -37,7 +39,16 @@ def test_held_out_loss_is_logged_and_leaves_training_alone(bert_inputs, tmp_path
     from factory.train.export import load_checkpoint_model
 
     _, _, _, plain = _run(bert_inputs, tmp_path / "plain")
-    stage, headline, log, rows = _run(bert_inputs, tmp_path / "eval",
+    # A pack whose general-English split is a copy of its domain split: the two evaluations
+    # must then agree exactly (the general one is the same code on another prefix).
+    pack = tmp_path / "pack"
+    shutil.copytree(bert_inputs["pack"], pack)
+    for ext in (".bin", ".idx"):
+        shutil.copy(pack / f"heldout{ext}", pack / f"general_heldout{ext}")
+    meta = json.loads((pack / "pack.json").read_text())
+    meta["general_heldout"] = {**meta["heldout"], "prefix": "general_heldout"}
+    (pack / "pack.json").write_text(json.dumps(meta))
+    stage, headline, log, rows = _run({**bert_inputs, "pack": pack}, tmp_path / "eval",
                                       f"training.eval_interval={INTERVAL}",
                                       "training.eval_samples=20")
     # Dropout is on: evaluating must not draw from any generator training uses.
@@ -46,8 +57,10 @@ def test_held_out_loss_is_logged_and_leaves_training_alone(bert_inputs, tmp_path
     assert [r["step"] for r in evals] == [4, 8]
     for r in evals:
         assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["val_general_loss"] == r["val_loss"]
     assert evals[1]["val_loss"] < evals[0]["val_loss"]
-    assert headline["final_val_loss"] == evals[1]["val_loss"]
+    assert headline["final_val_loss"] == headline["final_val_general_loss"] == \
+        evals[1]["val_loss"]
     tracked = {s: v["val_loss"] for s, v in log.history if s is not None and "val_loss" in v}
     assert tracked == {r["step"]: r["val_loss"] for r in evals}
 
@@ -71,8 +84,6 @@ def test_held_out_loss_is_logged_and_leaves_training_alone(bert_inputs, tmp_path
 
 
 def test_a_pack_without_held_out_split_is_a_clear_error(bert_inputs, tmp_path):
-    import shutil
-
     from factory.stage import UserError
     from factory.train import data
 
@@ -81,5 +92,5 @@ def test_a_pack_without_held_out_split_is_a_clear_error(bert_inputs, tmp_path):
     meta = json.loads((pack / "pack.json").read_text())
     del meta["heldout"]
     (pack / "pack.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match=r"pack\.json: no held-out split.*eval_interval: null"):
+    with pytest.raises(UserError, match=r"pack\.json: no heldout split.*eval_interval: null"):
         data.build_heldout_dataset("bert", pack, None, 64, 16, 1, tmp_path / "cache")
