@@ -260,7 +260,7 @@ def _training_section(page: Page, run_dir: Path) -> None:
         sorted(tps)[len(tps) // 2] if tps else None, rows[-1].get("tokens")]])
     curves = {"train": [(r["step"], r["loss"]) for r in rows]}
     if held:
-        curves["held-out (training.eval_interval)"] = held
+        curves["domain held-out"] = held
     general = [(r["step"], r["val_general_loss"]) for r in rows if "val_general_loss" in r]
     if general:
         curves["general English held-out"] = general
