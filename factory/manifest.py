@@ -246,8 +246,10 @@ class Training(_Strict):
                             "every layer (least memory, about a third more compute)")
     eval_interval: int | None = Field(
         None, gt=0, description="every N steps and at the last: the loss on eval_samples fixed "
-                                "held-out sequences (pack/heldout), logged as val_loss and "
-                                "val_ppl (Megatron-LM's --eval-interval); null: off")
+                                "held-out sequences of the domain (pack/heldout: val_loss, "
+                                "val_ppl) and of general English (pack/general_heldout: "
+                                "val_general_loss, val_general_ppl), as Megatron-LM's "
+                                "--eval-interval; null: off")
     eval_samples: int = Field(
         64, gt=0, description="held-out sequences per evaluation, rounded up to whole "
                               "global batches (the same under any parallel layout)")
