@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -32,14 +34,20 @@ log = logging.getLogger(__name__)
 
 
 def check_available() -> None:
-    """UserError when this machine cannot compile: on CPU inductor builds C++ and needs a
-    compiler (GPUs use Triton, which torch's CUDA wheels ship)."""
+    """UserError when this machine cannot compile: on CPU inductor builds C++ extension
+    modules and needs a compiler and Python's headers (GPUs use Triton, which torch's CUDA
+    wheels ship)."""
     if torch.cuda.is_available():
         return
     names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++"]
     if not any(shutil.which(n) for n in names):
         raise UserError(f"training.compile: on CPU torch.compile needs a C++ compiler "
                         f"({' or '.join(names)} not found); install one or set "
+                        "training.compile: false")
+    include = Path(sysconfig.get_path("include"))
+    if not (include / "Python.h").is_file():
+        raise UserError(f"training.compile: on CPU torch.compile needs Python's headers "
+                        f"({include}/Python.h not found); install them (python3-dev) or set "
                         "training.compile: false")
 
 

@@ -14,6 +14,21 @@ from tests.train.conftest import pretrain_stage
 from tests.train.test_models import BERT, GPT, _batch
 
 
+def _can_compile() -> bool:
+    from factory.stage import UserError
+    from factory.train.compiled import check_available
+
+    try:
+        check_available()
+    except UserError:
+        return False
+    return True
+
+
+needs_compiler = pytest.mark.skipif(
+    not _can_compile(), reason="training.compile on CPU needs a C++ compiler and Python.h")
+
+
 @pytest.fixture(scope="module")
 def megatron():
     from factory.train import parallel
@@ -32,6 +47,7 @@ def _loss(model, cfg, ids, mask):
     return (per_token * picked).sum() / picked.sum()
 
 
+@needs_compiler
 @pytest.mark.parametrize("cfg", [BERT, GPT], ids=["bert", "gpt"])
 def test_compiled_layers_equal_eager_in_one_graph(megatron, monkeypatch, cfg):
     from torch._dynamo.utils import counters
@@ -66,18 +82,24 @@ def test_compiled_layers_equal_eager_in_one_graph(megatron, monkeypatch, cfg):
     assert counters["stats"]["unique_graphs"] == 1, "each layer compiled a graph of its own"
 
 
-def test_no_compiler_on_cpu_is_a_clear_error(monkeypatch):
+def test_no_compiler_or_headers_on_cpu_is_a_clear_error(monkeypatch, tmp_path):
     from factory.stage import UserError
     from factory.train import compiled
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU torch.compile needs no C++ compiler")
     monkeypatch.delenv("CXX", raising=False)
-    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    with pytest.raises(UserError, match="training.compile.*g\\+\\+ or clang\\+\\+.*compile: false"):
+    with monkeypatch.context() as m:
+        m.setattr(compiled.shutil, "which", lambda name: None)
+        with pytest.raises(UserError,
+                           match=r"training.compile.*g\+\+ or clang\+\+.*compile: false"):
+            compiled.check_available()
+    monkeypatch.setattr(compiled.sysconfig, "get_path", lambda name: str(tmp_path))
+    with pytest.raises(UserError, match="training.compile.*Python.h not found.*python3-dev"):
         compiled.check_available()
 
 
+@needs_compiler
 @pytest.mark.slow
 def test_compiled_stage_resumes_exactly(bert_inputs, tmp_path, monkeypatch):
     """The real stage with compile on and dropout on: a rerun from the step-4 checkpoint
