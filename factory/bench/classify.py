@@ -24,6 +24,7 @@ from factory.bench.finetune import (
     seed_all,
     set_pad_id,
 )
+from factory.hf_weights import from_pretrained
 from factory.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,8 @@ def finetune_classifier(model_dir: Path, train: list[TextExample], test: list[Te
     seed_all(options.seed)
     kind = {"single": "single_label_classification", "multi": "multi_label_classification",
             "regression": "regression"}[problem]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1 if problem == "regression" else num_labels, problem_type=kind,
+    model = from_pretrained(
+        AutoModelForSequenceClassification, model_dir, num_labels=1 if problem == "regression" else num_labels, problem_type=kind,
         dtype=torch.float32)
     pad_id = set_pad_id(model, tok)
     model.to(dev)
@@ -165,7 +166,7 @@ def finetune_choice(model_dir: Path, train: list[ChoiceExample], test: list[Choi
     train_enc, test_enc = encode(train), encode(test)
     seed_all(options.seed)
     try:
-        model = AutoModelForMultipleChoice.from_pretrained(model_dir, dtype=torch.float32)
+        model = from_pretrained(AutoModelForMultipleChoice, model_dir, dtype=torch.float32)
     except ValueError as e:
         raise UserError(f"{model_dir}: no multiple-choice head for this architecture "
                         f"({e.__class__.__name__}); use an encoder (BERT-like) model") from None

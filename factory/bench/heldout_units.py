@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 
 from factory.bench.heldout import logits_at
+from factory.hf_weights import from_pretrained
 from factory.stage import UserError
 
 WORD = re.compile(r"\S+")
@@ -78,7 +79,7 @@ def _per_word(model_dir, tok, texts, seq_length, mask_prob, seed, batch_size, de
 
     if tok.mask_token_id is None:
         raise UserError(f"{model_dir}: the tokenizer has no mask token; a masked LM is needed")
-    model = AutoModelForMaskedLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    model = from_pretrained(AutoModelForMaskedLM, model_dir, dtype=torch.float32).to(dev).eval()
     vocab = len(tok)
     rows: list[tuple[list[int], list[int], list[int], list[int]]] = []
     for d, text in enumerate(texts):
@@ -126,7 +127,7 @@ def _per_byte(model_dir, tok, texts, seq_length, batch_size, dev):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(dev).eval()
+    model = from_pretrained(AutoModelForCausalLM, model_dir, dtype=torch.float32).to(dev).eval()
     # The token a document starts after: the tokenizer's BOS/EOS, else the model config's.
     candidates = (tok.bos_token_id, tok.eos_token_id, model.config.bos_token_id,
                   model.config.eos_token_id)

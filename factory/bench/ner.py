@@ -29,6 +29,7 @@ from factory.bench.finetune import (
     seed_all,
     set_pad_id,
 )
+from factory.hf_weights import from_pretrained
 from factory.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -259,8 +260,8 @@ def finetune_tagger(model_dir: Path, train: IobSplit, test: IobSplit, labels: li
     test_enc = encode(tok, test, label2id, options.max_seq_length)
 
     seed_all(options.seed)   # the head's initialisation, dropout and batch order
-    model = AutoModelForTokenClassification.from_pretrained(
-        model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
+    model = from_pretrained(
+        AutoModelForTokenClassification, model_dir, num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id=label2id, dtype=torch.float32)
     pad_id = set_pad_id(model, tok)
     model.to(dev)

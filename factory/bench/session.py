@@ -101,8 +101,10 @@ def bench_to_files(model_dir: Path, suite: str, output: Path, *, mlflow: bool = 
     from rich.console import Console
     from rich.progress import Progress as RichProgress
 
+    from factory.hf_weights import require_safetensors
     from factory.stage import MemoryLog, Progress
 
+    require_safetensors(Path(model_dir))    # before any tracking run or data is touched
     output = Path(output)
     run_log = MemoryLog()
     tracker_run = None

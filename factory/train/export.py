@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from factory.hf_weights import from_pretrained
 from factory.stage import Stage, StageConfig, StageContext, UserError
 
 if TYPE_CHECKING:
@@ -139,14 +140,14 @@ def max_logit_difference(model: torch.nn.Module, cfg: ModelConfig, hf_dir: Path,
 
         mask = torch.ones_like(ids)
         mask[-1, seq // 2:] = 0
-        hf = BertForMaskedLM.from_pretrained(hf_dir).eval()
+        hf = from_pretrained(BertForMaskedLM, hf_dir).eval()
         theirs = hf(input_ids=ids, attention_mask=mask).logits
         ours = model(ids.to(device), mask.to(device)).float().cpu()
         keep = mask.bool()
         return (theirs[keep] - ours[keep]).abs().max().item()
     from transformers import LlamaForCausalLM
 
-    hf = LlamaForCausalLM.from_pretrained(hf_dir).eval()
+    hf = from_pretrained(LlamaForCausalLM, hf_dir).eval()
     theirs = hf(input_ids=ids).logits
     pos = torch.arange(seq).expand(batch, seq)
     ours = model(ids.to(device), pos.to(device), None).float().cpu()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from factory.hf_weights import require_safetensors
 from factory.stage import UserError
 from factory.train.models import ModelConfig
 
@@ -90,10 +91,9 @@ def read_safetensors(folder: Path) -> dict[str, Tensor]:
         for shard in shards:
             out.update(load_file(folder / shard))
         return out
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        raise UserError(f"{folder}: only pickle weights (*.bin); the factory reads safetensors "
-                        "only: convert with `model.save_pretrained(dir, safe_serialization=True)`")
-    raise UserError(f"{folder}: no model.safetensors (not a Hugging Face model folder)")
+    require_safetensors(folder)     # the one-line error for pickles or nothing
+    raise UserError(f"{folder}: *.safetensors but neither model.safetensors nor "
+                    "model.safetensors.index.json (not a Hugging Face model folder)")
 
 
 def _family(cfg: ModelConfig):

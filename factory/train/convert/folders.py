@@ -16,6 +16,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from factory.hf_weights import require_safetensors
 from factory.stage import UserError
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,7 @@ def check_embedding_rows(folder: Path, vocab_size: int) -> None:
 
     from safetensors import safe_open
 
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        if any(folder.glob("*.bin")):
-            raise UserError(f"{folder}: only pickle weights (*.bin); the factory reads "
-                            "safetensors only")
-        raise UserError(f"{folder}: no *.safetensors weights")
+    files = require_safetensors(folder)
     for path in files:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
