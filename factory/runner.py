@@ -1,7 +1,9 @@
 """Runs a manifest's stage graph: content-hash caching, atomic stage outputs, resume, tracking.
 
 Cache key of a stage = sha256(factory version, stage name, its resolved config, the content
-fingerprints it declares, its inputs' keys). A stage writes into `RUN/.tmp/<stage>-<key>` and
+fingerprints it declares, its inputs' keys). Paths inside the manifest's folder enter the key
+relative to it, so a moved or re-cloned project (or a container that mounts it elsewhere)
+keeps its cached stages; the files' contents are in the fingerprints. A stage writes into `RUN/.tmp/<stage>-<key>` and
 the folder is renamed to `RUN/<stage>` only once the stage succeeded, so a crash never leaves a
 half output that a later run trusts; the temporary folder of a killed stage is kept and handed
 to the rerun of the same key (the pretrain stage resumes from its checkpoints there).
@@ -78,21 +80,34 @@ def plan(loaded: Loaded) -> list[Planned]:
     for ref in pipe.stages:
         stage = stage_class(ref.name).from_manifest(loaded)
         p = Planned(stage, ref.inputs, ref.register)
-        p.key = _key(stage, {i: keys[i] for i in ref.inputs})
+        p.key = _key(stage, {i: keys[i] for i in ref.inputs}, loaded.root)
         keys[ref.name] = p.key
         out.append(p)
     return out
 
 
-def _key(stage: Stage, input_keys: dict[str, str]) -> str:
+def _key(stage: Stage, input_keys: dict[str, str], root: Path) -> str:
     blob = json.dumps({
         "factory": __version__,
         "stage": stage.name,
-        "config": stage.config.model_dump(mode="json"),
+        "config": _portable(stage.config.model_dump(mode="json"), root),
         "fingerprint": stage.fingerprint(),
         "inputs": input_keys,
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _portable(value: Any, root: Path) -> Any:
+    """`value` with every absolute path inside `root` written as `$MANIFEST_DIR/<relative>`."""
+    if isinstance(value, dict):
+        return {k: _portable(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, root) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        p = Path(value)
+        if p.is_relative_to(root):
+            return "$MANIFEST_DIR/" + p.relative_to(root).as_posix()
+    return value
 
 
 def read_record(folder: Path) -> dict | None:

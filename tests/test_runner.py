@@ -38,6 +38,17 @@ def test_changing_one_corpus_byte_changes_every_key(tmp_path):
     assert all(before[n] != after[n] for n in before)
 
 
+def test_keys_survive_moving_the_project_but_not_moving_a_file_in_it(tmp_path):
+    a = _keys(_copy_domain(tmp_path / "a"))
+    moved = _copy_domain(tmp_path / "somewhere" / "else")
+    assert _keys(moved) == a
+    # Inside the folder the relative path still counts: the config names another file.
+    pubmed = moved.parent / "biomedical" / "pubmed"
+    shutil.copytree(pubmed, pubmed.parent / "pubmed2")
+    renamed = _keys(moved, ["corpus.sources.0.path=biomedical/pubmed2/train.jsonl.gz"])
+    assert renamed["corpus"] != a["corpus"]
+
+
 def test_swap_replaces_atomically(tmp_path):
     final, tmp = tmp_path / "stage", tmp_path / ".tmp" / "stage-new"
     final.mkdir()
