@@ -10,8 +10,9 @@ manifest by overrides so that model size, steps, batch and sequence length stay 
   initialised from their pieces), pretraining continued;
 - base: the base checkpoint as it is, evaluated only.
 
-Every arm is scored on the same held-out text of the domain and of general English in units a
-vocabulary cannot game (factory.bench.heldout_units), and on the manifest's benchmark tasks.
+Every arm is scored on the same held-out text of the domain and of general text (the
+manifest's corpus.general_text, else English) in units a vocabulary cannot game
+(factory.bench.heldout_units), and on the manifest's benchmark tasks.
 MLflow: one parent run, one child per arm, the arm's stages below it.
 """
 
@@ -124,13 +125,16 @@ def compare(manifest: Path, run_dir: Path, *, scale: str | None = None,
     for a, ld in arm_loaded.items():   # every check of every arm before any work
         planned = runner.plan(ld)
         runner.check(planned, runner.select(planned, None, "pack" if a == "base" else None))
-    general_texts = _general_texts(general, m.evaluation.heldout_max_docs)
+    if general is None and m.corpus.general_text is not None:
+        general = loaded.resolve(m.corpus.general_text)
+    general, general_texts = _general_texts(general, m.evaluation.heldout_max_docs)
 
     tracker = tracking.Tracker(m.name)
     parent = tracker.start_parent(f"{m.name}-{scale or 'full'}-compare", tags={
         "factory.run_dir": str(run_dir), "factory.compare": "true",
         "factory.scale": scale or "full"})
-    result: dict[str, Any] = {"manifest": str(manifest), "scale": scale, "arms": {}}
+    result: dict[str, Any] = {"manifest": str(manifest), "scale": scale,
+                              "general_text": str(general) if general else None, "arms": {}}
     status = "FAILED"
     try:
         for a in arms:
@@ -160,7 +164,9 @@ def compare(manifest: Path, run_dir: Path, *, scale: str | None = None,
     return result
 
 
-def _general_texts(general: Path | None, max_docs: int | None) -> list[str]:
+def _general_texts(general: Path | None,
+                   max_docs: int | None) -> tuple[Path | None, list[str]]:
+    """The general held-out file used and its documents."""
     from factory.bench.heldout import read_documents
 
     candidates = [general] if general is not None else [
@@ -168,12 +174,12 @@ def _general_texts(general: Path | None, max_docs: int | None) -> list[str]:
         Path(__file__).resolve().parents[2] / "shared" / "corpora" / "general" / "heldout.jsonl.gz"]
     for c in candidates:
         if c is not None and c.is_file():
-            return read_documents([c], max_docs)
+            return c, read_documents([c], max_docs)
     if general is not None:
         raise UserError(f"--general {general}: no such file (JSON Lines with a text field)")
     log.warning("no general held-out text found (domains/general/heldout.jsonl.gz); "
                 "forgetting is not measured")
-    return []
+    return None, []
 
 
 def _evaluate_base(loaded: Loaded, arm_dir: Path, base: Path) -> None:

@@ -177,6 +177,12 @@ class Corpus(_Strict):
     phases: list[Phase] = Field([], description="Source weights per stretch of training")
     repeat_warning: float = Field(4.0, gt=0, description="Warn when a source would be "
                                   "repeated more than this many epochs")
+    general_text: str | None = Field(
+        None, description="General-language held-out text (JSON Lines, `text` field): the "
+        "vocabulary report's out-of-domain numbers, the pack's general_heldout split "
+        "(val_general_loss, the forgetting curve) and factory compare's general loss. Default: "
+        "the shipped English sample (domains/general); give one in the model's language for a "
+        "non-English domain")
 
     @field_validator("sources")
     @classmethod
@@ -247,7 +253,7 @@ class Training(_Strict):
     eval_interval: int | None = Field(
         None, gt=0, description="every N steps and at the last: the loss on eval_samples fixed "
                                 "held-out sequences of the domain (pack/heldout: val_loss, "
-                                "val_ppl) and of general English (pack/general_heldout: "
+                                "val_ppl) and of corpus.general_text (pack/general_heldout: "
                                 "val_general_loss, val_general_ppl), as Megatron-LM's "
                                 "--eval-interval; null: off")
     eval_samples: int = Field(

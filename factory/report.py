@@ -263,7 +263,7 @@ def _training_section(page: Page, run_dir: Path) -> None:
         curves["domain held-out"] = held
     general = [(r["step"], r["val_general_loss"]) for r in rows if "val_general_loss" in r]
     if general:
-        curves["general English held-out"] = general
+        curves["general held-out"] = general
     page.image(_curves_png(curves, run_dir / "report_loss.png", "loss (nats/token)"),
                "loss curve")
 

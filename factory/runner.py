@@ -120,8 +120,8 @@ def read_record(folder: Path) -> dict | None:
 def check(planned: list[Planned], selected: set[str]) -> None:
     """Every problem the stages can see before work starts, all at once."""
     problems = [p for pl in planned if pl.stage.name in selected for p in pl.stage.check()]
-    if problems:
-        raise UserError("\n".join(problems))
+    if problems:   # stages sharing a field (corpus.general_text) report it once
+        raise UserError("\n".join(dict.fromkeys(problems)))
 
 
 def world() -> tuple[int, int]:

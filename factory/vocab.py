@@ -39,6 +39,21 @@ MODEL_MAX_LENGTH = {"bert": 512, "gpt": 2048}
 GENERAL_TEXT = Path(__file__).resolve().parents[1] / "domains" / "general" / "heldout.jsonl.gz"
 
 
+def general_text(loaded: "Loaded") -> str | None:
+    """The run's general-language held-out text: corpus.general_text, else the shipped sample."""
+    given = loaded.manifest.corpus.general_text
+    if given is not None:
+        return str(loaded.resolve(given))
+    return str(GENERAL_TEXT) if GENERAL_TEXT.is_file() else None
+
+
+def general_text_problems(path: str | None) -> list[str]:
+    if path is None or Path(path).is_file():
+        return []
+    return [f"corpus.general_text: {path} does not exist; give a JSON Lines file with a `text` "
+            "field, or drop the field for the shipped English sample"]
+
+
 class VocabConfig(StageConfig):
     family: Literal["bert", "gpt"]
     source: Literal["train", "base"] = Field(description="train a vocabulary, or copy the base's")
@@ -50,7 +65,8 @@ class VocabConfig(StageConfig):
     add: int | None = Field(None, description="Entries to add to the base tokenizer (extend)")
     min_count: int = Field(2, description="Extension: ignore words seen fewer times")
     baseline: str | None = Field(None, description="Resolved tokenizer the report compares with")
-    general_text: str | None = Field(None, description="General-English JSON Lines for the report")
+    general_text: str | None = Field(None, description="General-language JSON Lines for the "
+                                     "report (corpus.general_text)")
     strip_accents: bool | None = None
     special_tokens: list[str] = []
     split_digits: bool = False
@@ -65,7 +81,7 @@ class VocabStage(Stage):
     def from_manifest(cls, loaded: "Loaded") -> "VocabStage":
         m = loaded.manifest
         t = m.tokenizer
-        general = str(GENERAL_TEXT) if GENERAL_TEXT.is_file() else None
+        general = general_text(loaded)
         baseline = _resolve_tokenizer(t.baseline, loaded) if t and t.baseline else None
         if m.strategy == "continued":
             from factory import base_checkpoint
@@ -92,7 +108,7 @@ class VocabStage(Stage):
 
     def check(self) -> list[str]:
         c = self.config
-        problems = []
+        problems = general_text_problems(c.general_text)
         if c.baseline is not None and not _has_tokenizer(Path(c.baseline)):
             problems.append(f"tokenizer.baseline: {c.baseline} holds no tokenizer.json or "
                             "vocab.txt; give a tokenizer folder")

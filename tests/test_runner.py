@@ -49,6 +49,27 @@ def test_keys_survive_moving_the_project_but_not_moving_a_file_in_it(tmp_path):
     assert renamed["corpus"] != a["corpus"]
 
 
+def test_general_text_enters_vocab_and_pack_keys_and_a_missing_one_is_one_line(tmp_path):
+    path = _copy_domain(tmp_path)
+    before = _keys(path)
+    mine = path.parent / "general" / "mine.jsonl.gz"
+    mine.write_bytes((path.parent / "maltese/korpus_malti/heldout.jsonl.gz").read_bytes())
+    loaded = mf.load(path, "smoke", ["corpus.general_text=general/mine.jsonl.gz"])
+    after = {p.stage.name: p.key for p in runner.plan(loaded)}
+    assert before["corpus"] == after["corpus"]
+    assert all(before[n] != after[n] for n in ("vocab", "pack", "pretrain"))
+    pack = next(p.stage for p in runner.plan(loaded) if p.stage.name == "pack")
+    assert pack.config.general_text == str(mine)
+
+    missing = mf.load(path, "smoke", ["corpus.general_text=general/nope.jsonl.gz"])
+    planned = runner.plan(missing)
+    with pytest.raises(UserError) as e:
+        runner.check(planned, runner.select(planned, None, None))
+    assert str(e.value) == (f"corpus.general_text: {path.parent / 'general/nope.jsonl.gz'} does "
+                            "not exist; give a JSON Lines file with a `text` field, or drop the "
+                            "field for the shipped English sample")
+
+
 def test_swap_replaces_atomically(tmp_path):
     final, tmp = tmp_path / "stage", tmp_path / ".tmp" / "stage-new"
     final.mkdir()

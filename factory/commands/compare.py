@@ -20,8 +20,8 @@ def register(app: typer.Typer) -> None:
         arms: str = typer.Option("scratch,continued,continued_extended,base",
                                  help="Comma-separated subset of the four arms."),
         general: Optional[Path] = typer.Option(
-            None, help="General-text held-out JSON Lines for forgetting "
-                       "(default: domains/general/heldout.jsonl.gz)."),
+            None, help="General-text held-out JSON Lines for forgetting (default: the "
+                       "manifest's corpus.general_text, else domains/general/heldout.jsonl.gz)."),
         set_: list[str] = typer.Option([], "--set", help="Dotted override for every arm."),
     ) -> None:
         """Does domain pretraining help here? Trains and scores the arms at an equal budget."""

@@ -2,9 +2,9 @@
 
 Reads corpus/train/<source>/*.jsonl.gz, corpus/heldout/*.jsonl.gz and vocab/tokenizer/;
 writes <source>_train.bin/.idx per source, heldout.bin/.idx, general_heldout.bin/.idx (the
-shipped general-English held-out text, domains/general/: what training.eval_interval measures
-forgetting on), unigram_counts.npy (int64 count per token id over the training .bin files)
-and pack.json (the pack/ contract).
+general-language held-out text, corpus.general_text, by default the shipped English sample in
+domains/general/: what training.eval_interval measures forgetting on), unigram_counts.npy
+(int64 count per token id over the training .bin files) and pack.json (the pack/ contract).
 
 bert: a document is stored as its list of sentences, one sequence each (Megatron-LM's
 preprocess_data.py --split-sentences), no special tokens: the BERT dataset adds [CLS]/[SEP].
@@ -31,7 +31,7 @@ from pydantic import Field
 from factory.corpus.blend import BlendSource
 from factory.hashing import file_digest
 from factory.stage import Stage, StageConfig, StageContext, UserError
-from factory.vocab import GENERAL_TEXT
+from factory.vocab import general_text, general_text_problems
 from tokenization.io import batched
 
 if TYPE_CHECKING:
@@ -65,6 +65,8 @@ class PackConfig(StageConfig):
     sources: list[PackSource]
     workers: int | None = Field(None, gt=0, description="Tokenizing processes (default: "
                                 "the CPU count); the output does not depend on it")
+    general_text: str | None = Field(None, description="General-language held-out JSON Lines, "
+                                     "packed as general_heldout (corpus.general_text)")
 
 
 def token_dtype(vocab_size: int) -> type[np.number]:
@@ -171,10 +173,18 @@ class PackStage(Stage):
         return cls(PackConfig(
             family=m.family,
             sources=[PackSource(name=s.name, weight=s.weight, epochs=s.epochs)
-                     for s in m.corpus.sources]))
+                     for s in m.corpus.sources],
+            general_text=general_text(loaded)))
+
+    def check(self) -> list[str]:
+        return general_text_problems(self.config.general_text)
 
     def fingerprint(self) -> dict[str, str]:
-        return {"general_heldout": file_digest([GENERAL_TEXT])} if GENERAL_TEXT.is_file() else {}
+        general = self.config.general_text
+        if general is None:
+            return {}
+        return {"general_heldout": file_digest([Path(general)]) if Path(general).is_file()
+                else "missing"}   # check() reports it
 
     def run(self, ctx: StageContext) -> dict[str, float]:
         from tokenization.io import iter_texts, shard_files
@@ -194,9 +204,10 @@ class PackStage(Stage):
                  counts) for s in c.sources]
         plan.append((HELDOUT_PREFIX, shard_files(corpus / "heldout", "*.jsonl.gz"),
                      HELDOUT_PREFIX, None))
-        if GENERAL_TEXT.is_file():
-            plan.append((GENERAL_PREFIX, [GENERAL_TEXT], GENERAL_PREFIX, None))
-            docs_total += sum(1 for _ in iter_texts([GENERAL_TEXT]))
+        if c.general_text is not None:
+            general = Path(c.general_text)
+            plan.append((GENERAL_PREFIX, [general], GENERAL_PREFIX, None))
+            docs_total += sum(1 for _ in iter_texts([general]))
         for name, files, _, _ in plan:
             if not files:
                 where = "heldout" if name == HELDOUT_PREFIX else f"train/{name}"

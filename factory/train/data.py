@@ -137,7 +137,7 @@ def build_train_dataset(family: Literal["bert", "gpt"], pack_dir: Path, tokenize
 
 def heldout_splits(pack_dir: Path) -> list[str]:
     """The held-out splits a pack/ holds: `heldout` (the domain's), and `general_heldout`
-    (general English) from packs that have it."""
+    (corpus.general_text) from packs that have it."""
     try:
         meta = json.loads((pack_dir / "pack.json").read_text())
     except (OSError, ValueError):

@@ -209,8 +209,8 @@ class PretrainStage(Stage):
             c.family, pack_dir, tokenizer, t.seq_length, c.steps * t.global_batch_size,
             t.seed, ctx.out / "data_cache", mask_prob=c.mask_prob or 0.15,
             whole_word_masking=t.whole_word_masking is not False, plan=plan)
-        # val: the domain's held-out split; val_general: general English (forgetting), in
-        # packs that hold it.
+        # val: the domain's held-out split; val_general: the general text (corpus.general_text,
+        # forgetting), in packs that hold it.
         splits = {"val": "heldout"}
         if "general_heldout" in data.heldout_splits(pack_dir):
             splits["val_general"] = "general_heldout"
@@ -249,7 +249,7 @@ class PretrainStage(Stage):
                 log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f %.0f tokens/s", step,
                          c.steps, m["loss"], m["lr"], m["grad_norm"], m["tokens_per_s"])
             if "val_loss" in m:
-                general = f", general English {m['val_general_loss']:.4f}" \
+                general = f", general {m['val_general_loss']:.4f}" \
                     if "val_general_loss" in m else ""
                 log.info("step %d/%d held-out loss %.4f (ppl %.2f, %d sequences)%s", step,
                          c.steps, m["val_loss"], m["val_ppl"], cfg.eval_samples, general)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import needs_minilm
+from tests.conftest import REPO, needs_minilm
 
 FEW = ["training.steps=3", "training.checkpoint_interval=3", "training.log_interval=1",
        "evaluation.heldout_max_docs=10", "evaluation.tasks[0].max_train_sentences=30",
@@ -18,8 +18,6 @@ def test_arm_overrides_keep_the_budget_and_change_the_strategy(tmp_path):
     from factory import base_checkpoint
     from factory.compare import ARMS, arm_overrides
     from factory.manifest import load
-    from tests.conftest import REPO
-
     path = REPO / "domains" / "biomedical.yaml"
     loaded = load(path, scale="tiny")
     base = base_checkpoint.resolve(loaded.manifest.base.path, loaded.root)
@@ -38,11 +36,14 @@ def test_arm_overrides_keep_the_budget_and_change_the_strategy(tmp_path):
 @needs_minilm
 def test_compare_runs_the_arms_and_writes_json_and_report(factory_cli, tmp_path):
     out = tmp_path / "cmp"
-    args = [a for s in FEW for a in ("--set", s)]
+    # the manifest's general text (here Maltese) is what every arm's forgetting is scored on
+    general = REPO / "domains" / "maltese" / "korpus_malti" / "heldout.jsonl.gz"
+    args = [a for s in [*FEW, f"corpus.general_text={general}"] for a in ("--set", s)]
     r = factory_cli("compare", "domains/biomedical.yaml", "--scale", "tiny", "--run-dir", out,
                     "--arms", "scratch,continued_extended,base", *args, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((out / "compare.json").read_text())
+    assert result["general_text"] == str(general)
     arms = result["arms"]
     assert list(arms) == ["scratch", "continued_extended", "base"]
     for name in ("scratch", "continued_extended"):

@@ -11,6 +11,7 @@ import pytest
 
 from factory.corpus.pack import PackConfig, PackSource, PackStage, split_sentences, token_dtype
 from factory.stage import MemoryLog, StageContext, UserError
+from factory.vocab import GENERAL_TEXT
 from tokenization.io import iter_texts
 from tokenization.train import save_tokenizer, train_tokenizer
 
@@ -47,13 +48,13 @@ def vocab_folder(root: Path, kind: str, corpus: Path) -> Path:
 
 
 def run_pack(tmp_path: Path, family: str, kind: str, sources: dict[str, tuple[int, int]],
-             weights: dict[str, float]):
+             weights: dict[str, float], general: Path = GENERAL_TEXT):
     corpus = corpus_folder(tmp_path / "corpus", sources, n_held=15)
     vocab = vocab_folder(tmp_path / "vocab", kind, corpus)
     out = tmp_path / "pack"
     out.mkdir()
     stage = PackStage(PackConfig(family=family, sources=[
-        PackSource(name=n, weight=w) for n, w in weights.items()]))
+        PackSource(name=n, weight=w) for n, w in weights.items()], general_text=str(general)))
     log = MemoryLog()
     metrics = stage.run(StageContext(out=out, inputs={"corpus": corpus, "vocab": vocab}, log=log))
     return corpus, vocab, out, metrics
@@ -108,8 +109,6 @@ def test_bert_pack_round_trip_two_sources(tmp_path):
     assert metrics["heldout_tokens"] == meta["heldout"]["tokens"] == sum(
         sum(len(s) for s in d) for d in held)
     # General English (the shipped domains/general sample), for the forgetting curve.
-    from factory.vocab import GENERAL_TEXT
-
     general = read_docs(out / "general_heldout")
     texts = list(iter_texts([GENERAL_TEXT]))
     assert meta["general_heldout"]["prefix"] == "general_heldout"
@@ -148,6 +147,22 @@ def test_gpt_pack_appends_eod_and_feeds_megatron_gpt_dataset(tmp_path):
     sample = train[0]
     assert sample["tokens"].shape == (64,)
     assert int(sample["tokens"].max()) < mt.vocab_size
+
+
+def test_general_text_of_the_manifest_is_packed_in_place_of_english(tmp_path):
+    from tokenizers import Tokenizer
+
+    maltese = tmp_path / "maltese.jsonl.gz"
+    maltese.write_bytes(gzip.compress("".join(lines(
+        REPO / "domains" / "maltese" / "korpus_malti" / "heldout.jsonl.gz", 12)).encode()))
+    _, vocab, out, _ = run_pack(tmp_path, "bert", "wordpiece", {"pm": (0, 20)}, {"pm": 1.0},
+                                general=maltese)
+    tok = Tokenizer.from_file(str(vocab / "tokenizer" / "tokenizer.json"))
+    texts = list(iter_texts([maltese]))
+    general = read_docs(out / "general_heldout")
+    assert len(general) == len(texts) == 12
+    assert [np.concatenate(d).tolist() for d in general] == [
+        tok.encode(t, add_special_tokens=False).ids for t in texts]
 
 
 def test_missing_source_folder_is_a_user_error(tmp_path):
