@@ -4,6 +4,6 @@ Modules here only parse options and call library code; they import heavy librari
 `factory --help` stays fast.
 """
 
-from factory.commands import bench, compare, convert, corpus, launch, vocab
+from factory.commands import bench, compare, convert, corpus, launch, merge, vocab
 
-ALL = (vocab, corpus, convert, bench, compare, launch)
+ALL = (vocab, corpus, convert, merge, bench, compare, launch)
