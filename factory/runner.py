@@ -3,10 +3,11 @@
 Cache key of a stage = sha256(factory version, stage name, its resolved config, the content
 fingerprints it declares, its inputs' keys). Paths inside the manifest's folder enter the key
 relative to it, so a moved or re-cloned project (or a container that mounts it elsewhere)
-keeps its cached stages; the files' contents are in the fingerprints. A stage writes into `RUN/.tmp/<stage>-<key>` and
-the folder is renamed to `RUN/<stage>` only once the stage succeeded, so a crash never leaves a
-half output that a later run trusts; the temporary folder of a killed stage is kept and handed
-to the rerun of the same key (the pretrain stage resumes from its checkpoints there).
+keeps its cached stages; the files' contents are in the fingerprints. A stage writes into
+`RUN/.tmp/<stage>-<key>` and the folder is renamed to `RUN/<stage>` only once the stage
+succeeded, so a crash never leaves a half output that a later run trusts; the temporary folder
+of a killed stage is kept and handed to the rerun of the same key (the pretrain stage resumes
+from its checkpoints there).
 """
 
 from __future__ import annotations
