@@ -142,3 +142,45 @@ def test_a_failure_while_writing_leaves_no_output(tmp_path):
     with pytest.raises(UserError, match="tensor z_ids: integer tensors differ"):
         merge(tmp_path / "a", tmp_path / "b", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def llama_folder(path, seed, tok, **config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tokenization.train import save_tokenizer
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=16, intermediate_size=32,
+                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                      **config)
+    save_tokenizer(tok, "byte_bpe", path)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def test_llama_export_merges_with_its_base_and_a_tied_one_is_refused(tmp_path, caplog):
+    """The finance case: a continued export (its own max_position_embeddings) and its base."""
+    from transformers import LlamaForCausalLM
+
+    from factory.hf_weights import from_pretrained
+    from tokenization.train import train_tokenizer
+
+    docs = ["Accounts payable rose in the third quarter.", "The ledger balances.",
+            "Depreciation is charged monthly on fixed assets."] * 20
+    tok = train_tokenizer("byte_bpe", 300, "cased", 2, iter(docs))
+    export = llama_folder(tmp_path / "export", 1, tok, max_position_embeddings=128,
+                          tie_word_embeddings=False)
+    base = llama_folder(tmp_path / "base", 2, tok, max_position_embeddings=8192,
+                        tie_word_embeddings=False)
+    with caplog.at_level("WARNING", logger="factory.merge"):
+        merge(export, base, tmp_path / "m", weight=0.5)
+    assert "max_position_embeddings" not in caplog.text       # a run's setting, not news
+    merged = from_pretrained(LlamaForCausalLM, tmp_path / "m")
+    assert merged.config.max_position_embeddings == 128        # A's config
+    a = from_pretrained(LlamaForCausalLM, export).state_dict()
+    b = from_pretrained(LlamaForCausalLM, base).state_dict()
+    for k, v in merged.state_dict().items():
+        assert torch.allclose(v, 0.5 * a[k] + 0.5 * b[k], atol=1e-6), k
+    tied = llama_folder(tmp_path / "tied", 3, tok, tie_word_embeddings=True)
+    with pytest.raises(UserError, match="has no tensor lm_head.weight"):
+        merge(export, tied, tmp_path / "m2")
