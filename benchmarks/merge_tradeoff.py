@@ -9,6 +9,8 @@ general text (`corpus.general_text`, default the shipped English sample) in the 
     factory run domains/finance.yaml --scale tiny --run-dir RUN [--set ...]
     python benchmarks/merge_tradeoff.py domains/finance.yaml --scale tiny --run-dir RUN \
         [--set ...] [--weights 0,0.25,0.5,0.75,1] [--method linear] [--max-docs 40]
+    python benchmarks/merge_tradeoff.py domains/biomedical.yaml --scale tiny --run-dir RUN \
+        --keep-a-extras       # MiniLM, the base, is a sentence encoder without an MLM head
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def main() -> None:
     ap.add_argument("--weights", default="0,0.25,0.5,0.75,1")
     ap.add_argument("--method", default="linear")
     ap.add_argument("--max-docs", type=int, default=40)
+    ap.add_argument("--keep-a-extras", action="store_true",
+                    help="the base lacks the export's head (a sentence encoder): keep it")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
@@ -53,7 +57,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for w in (float(x) for x in args.weights.split(",")):
             model = Path(tmp) / f"w{w}"
-            merge(export, base, model, weight=w, method=args.method)
+            merge(export, base, model, weight=w, method=args.method,
+                  keep_a_extras=args.keep_a_extras)
             row = {"base_share": w}
             for key, texts in (("domain", domain), ("general", general)):
                 r = heldout_per_unit(model, texts, m.family, m.training.seq_length)

@@ -43,11 +43,14 @@ PARALLEL = 0.9995   # |cos| above which slerp is linear (mergekit's DOT_THRESHOL
 
 
 def merge(a: Path, b: Path, out: Path, *, weight: float = 0.5, method: str = "linear",
+          keep_a_extras: bool = False,
           progress: Callable[[], contextlib.AbstractContextManager] | None = None) -> dict:
     """Write A and B merged at B's share `weight` into the new folder `out`; a summary.
 
-    `progress` makes the rich Progress display, started once every check has passed (so an
-    error prints alone)."""
+    keep_a_extras: tensors only A has are copied from A (a trained MLM head whose base, a
+    sentence encoder, has none) and B's own extras are left out, where by default any
+    difference in tensor names is refused. `progress` makes the rich Progress display,
+    started once every check has passed (so an error prints alone)."""
     a, b, out = Path(a), Path(b), Path(out)
     if method not in METHODS:
         raise UserError(f"--method {method!r}: unknown (methods: {', '.join(METHODS)})")
@@ -57,12 +60,12 @@ def merge(a: Path, b: Path, out: Path, *, weight: float = 0.5, method: str = "li
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: exists and is not empty; give a new folder")
     layout_a, layout_b = _layout(a), _layout(b)
-    _check(a, b, layout_a, layout_b)
+    pairs = _check(a, b, layout_a, layout_b, keep_a_extras)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        summary = _write(a, b, tmp, layout_a, layout_b, weight, method, progress)
+        summary = _write(a, b, tmp, layout_a, layout_b, pairs, weight, method, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -72,15 +75,15 @@ def merge(a: Path, b: Path, out: Path, *, weight: float = 0.5, method: str = "li
     return summary
 
 
-def _write(a: Path, b: Path, tmp: Path, layout_a: dict, layout_b: dict, weight: float,
-           method: str, progress) -> dict:
+def _write(a: Path, b: Path, tmp: Path, layout_a: dict, layout_b: dict,
+           pairs: dict[str, str | None], weight: float, method: str, progress) -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     for f in a.iterdir():   # config, tokenizer, shard index: A's
         if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             shutil.copy2(f, tmp / f.name)
-    parameters = 0
+    parameters = copied = 0
     with contextlib.ExitStack() as stack:
         bar = None
         if progress is not None:
@@ -92,16 +95,21 @@ def _write(a: Path, b: Path, tmp: Path, layout_a: dict, layout_b: dict, weight: 
             merged = {}
             with safe_open(shard, "pt") as fa:
                 for name in fa.keys():
-                    ta = fa.get_tensor(name)
-                    tb = b_files[layout_b[name][0]].get_tensor(name)
-                    merged[name] = _combine(name, ta, tb, weight, method)
+                    ta, other = fa.get_tensor(name), pairs[name]
+                    if other is None:     # keep_a_extras
+                        merged[name] = ta
+                        copied += 1
+                    else:
+                        tb = b_files[layout_b[other][0]].get_tensor(other)
+                        merged[name] = _combine(name, ta, tb, weight, method)
                     parameters += ta.numel() if ta.is_floating_point() else 0
                     if bar is not None:
                         bar.advance(1)
             save_file(merged, tmp / shard.name, metadata={"format": "pt"})
             del merged
     summary = {"method": method, "weight": weight, "tensors": len(layout_a),
-               "parameters": parameters, "models": {"a": _describe(a), "b": _describe(b)}}
+               "copied_from_a": copied, "parameters": parameters,
+               "models": {"a": _describe(a), "b": _describe(b)}}
     (tmp / "merge.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
@@ -109,6 +117,11 @@ def _write(a: Path, b: Path, tmp: Path, layout_a: dict, layout_b: dict, weight: 
 def _combine(name: str, ta, tb, weight: float, method: str):
     import torch
 
+    if ta.shape != tb.shape:   # vocabulary padding (checked): A's rows past the shared ones
+        k = min(ta.shape[0], tb.shape[0])
+        out = ta.clone()
+        out[:k] = _combine(name, ta[:k], tb[:k], weight, method)
+        return out
     if not ta.is_floating_point():
         if not torch.equal(ta, tb):
             raise UserError(f"tensor {name}: integer tensors differ between the models; they "
@@ -141,25 +154,34 @@ def _layout(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     return out
 
 
-def _check(a: Path, b: Path, la: dict, lb: dict) -> None:
+def _check(a: Path, b: Path, la: dict, lb: dict, keep_a_extras: bool) -> None:
     """One UserError naming the first difference that makes the models unmergeable."""
     ca, cb = (json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (a, b))
     if ca.get("model_type") != cb.get("model_type"):
         raise UserError(f"{b}: model_type {cb.get('model_type')!r}, but {a} is "
                         f"{ca.get('model_type')!r}; merge two models of one architecture")
-    missing, extra = sorted(la.keys() - lb.keys()), sorted(lb.keys() - la.keys())
-    if missing or extra:
+    pairs = _pairs(la, lb)
+    missing = sorted(n for n, m in pairs.items() if m is None)
+    extra = sorted(lb.keys() - set(pairs.values()))
+    if (missing or extra) and not keep_a_extras:
         name, where = (missing[0], b) if missing else (extra[0], a)
         raise UserError(f"{where}: has no tensor {name} ({len(missing) + len(extra)} names "
-                        "differ); merge two models of one architecture")
-    for name in la:
-        if la[name][2] != lb[name][2]:
-            hint = ("the models do not share a vocabulary (an extended vocabulary cannot merge "
-                    "with its base)" if la[name][2][1:] == lb[name][2][1:] and "emb" in name
-                    else "merge two models of one size")
-            raise UserError(f"tensor {name}: shape {list(la[name][2])} in {a}, "
-                            f"{list(lb[name][2])} in {b}; {hint}")
+                        "differ); merge two models of one architecture, or give "
+                        "--keep-a-extras to copy A's own tensors (a head the base lacks)")
     va, vb = _vocab(a), _vocab(b)
+    # Rows past the tokenizer's last id are padding (Megatron pads the vocabulary to a
+    # multiple of 128, and the export keeps it), so a padded export merges with its base.
+    tokens = max(va.values()) + 1 if va is not None and va == vb else None
+    for name, other in pairs.items():
+        sa, sb = la[name][2], lb[other][2] if other is not None else None
+        if other is None or sa == sb:
+            continue
+        rows = sa[1:] == sb[1:] and len(sa) > 0
+        if rows and tokens is not None and min(sa[0], sb[0]) >= tokens:
+            continue
+        hint = ("the models do not share a vocabulary (an extended vocabulary cannot merge "
+                "with its base)" if rows and "emb" in name else "merge two models of one size")
+        raise UserError(f"tensor {name}: shape {list(sa)} in {a}, {list(sb)} in {b}; {hint}")
     if va is not None and vb is not None and va != vb:
         diff = sorted((t for t in va.keys() | vb.keys() if va.get(t) != vb.get(t)),
                       key=lambda t: (va.get(t, len(va)), t))
@@ -171,6 +193,20 @@ def _check(a: Path, b: Path, la: dict, lb: dict) -> None:
                     if k not in RUN_KEYS and ca.get(k) != cb.get(k))
     if differ:
         log.warning("merge: configs differ in %s; the output keeps A's", ", ".join(differ))
+    return pairs
+
+
+def _pairs(la: dict, lb: dict) -> dict[str, str | None]:
+    """Each of A's tensor names -> B's name for it, or None. A task model and its bare base
+    name the same weight with and without the base-model prefix (`bert.`, `model.`), as
+    transformers' loading does."""
+    heads = {k.split(".", 1)[0] for k in lb}
+    out: dict[str, str | None] = {}
+    for name in la:
+        rest = name.split(".", 1)[-1]
+        out[name] = next((c for c in (name, rest, *(f"{h}.{name}" for h in sorted(heads)))
+                          if c in lb), None)
+    return out
 
 
 def _vocab(folder: Path) -> dict[str, int] | None:

@@ -16,11 +16,11 @@ WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvw
          "the", "dose", "##s", "patient", "##ed"]
 
 
-def bert_folder(path, seed, *, vocab=WORDS, shard=None):
+def bert_folder(path, seed, *, vocab=WORDS, shard=None, rows=None):
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+    cfg = BertConfig(vocab_size=rows or len(vocab), hidden_size=32, num_hidden_layers=2,
                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     model = BertForMaskedLM(cfg)
     path.mkdir(parents=True)
@@ -184,3 +184,51 @@ def test_llama_export_merges_with_its_base_and_a_tied_one_is_refused(tmp_path, c
     tied = llama_folder(tmp_path / "tied", 3, tok, tie_word_embeddings=True)
     with pytest.raises(UserError, match="has no tensor lm_head.weight"):
         merge(export, tied, tmp_path / "m2")
+
+
+def test_a_head_the_bare_base_lacks_is_copied_only_when_asked(tmp_path):
+    """The biomedical case: a continued BertForMaskedLM and its base, a bare BertModel (a
+    sentence encoder: no `bert.` prefix, no MLM head)."""
+    from transformers import BertModel
+
+    a, wa = bert_folder(tmp_path / "a", 1)
+    torch.manual_seed(2)
+    bare = BertModel(load_config(a), add_pooling_layer=False)
+    bare.save_pretrained(tmp_path / "bare")
+    (tmp_path / "bare" / "tokenizer.json").write_text((a / "tokenizer.json").read_text())
+    with pytest.raises(UserError, match="has no tensor cls.predictions.bias .* --keep-a-extras"):
+        merge(a, tmp_path / "bare", tmp_path / "m")
+    summary = merge(a, tmp_path / "bare", tmp_path / "m", weight=0.5, keep_a_extras=True)
+    got, wb = load(tmp_path / "m"), bare.state_dict()
+    head = [k for k in got if k.startswith("cls.")]
+    for k in wa:
+        if k == "cls.predictions.decoder.weight":   # tied: the merged input embeddings
+            assert torch.equal(got[k], got["bert.embeddings.word_embeddings.weight"])
+        elif k.startswith("cls."):
+            assert torch.equal(got[k], wa[k]), k
+        else:
+            want = 0.5 * wa[k] + 0.5 * wb[k.removeprefix("bert.")]
+            assert torch.allclose(got[k], want, atol=1e-6), k
+    assert summary["copied_from_a"] == 5 and len(head) >= 5
+
+
+def load_config(folder):
+    from transformers import BertConfig
+
+    return BertConfig.from_pretrained(folder)
+
+
+def test_a_padded_vocabulary_merges_with_the_unpadded_base(tmp_path):
+    """The export keeps Megatron's vocabulary padding (rows past the tokenizer's last id)."""
+    a, wa = bert_folder(tmp_path / "a", 1, rows=len(WORDS) + 4)
+    b, wb = bert_folder(tmp_path / "b", 2)
+    merge(a, b, tmp_path / "m", weight=0.5)
+    got = load(tmp_path / "m")
+    k, n = "bert.embeddings.word_embeddings.weight", len(WORDS)
+    assert got[k].shape == wa[k].shape
+    assert torch.allclose(got[k][:n], 0.5 * wa[k][:n] + 0.5 * wb[k], atol=1e-6)
+    assert torch.equal(got[k][n:], wa[k][n:])
+    # padding is only what lies past the tokenizer: fewer rows than tokens is refused
+    short, _ = bert_folder(tmp_path / "short", 3, rows=len(WORDS) - 1)
+    with pytest.raises(UserError, match="do not share a vocabulary"):
+        merge(a, short, tmp_path / "m2")

@@ -19,6 +19,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Argument(..., help="New HF folder."),
         weight: float = typer.Option(0.5, help="B's share: 0 gives A, 1 gives B."),
         method: str = typer.Option("linear", help="linear or slerp (per tensor)."),
+        keep_a_extras: bool = typer.Option(
+            False, help="Copy tensors only A has (a trained MLM head whose base, a sentence "
+                        "encoder, has none) instead of refusing; B's own extras are left out."),
     ) -> None:
         """Merge two HF models weight by weight (continued model + its base: less forgetting).
 
@@ -31,6 +34,7 @@ def register(app: typer.Typer) -> None:
         src_a = base_checkpoint.resolve(a, Path.cwd())
         src_b = base_checkpoint.resolve(b, Path.cwd())
         summary = run_merge(src_a, src_b, out, weight=weight, method=method,
-                            progress=cli.console_progress())
+                            keep_a_extras=keep_a_extras, progress=cli.console_progress())
         typer.echo(f"{out}: {summary['method']} merge at B's share {summary['weight']}, "
-                   f"{summary['tensors']} tensors, {summary['parameters']:,} parameters")
+                   f"{summary['tensors']} tensors ({summary['copied_from_a']} copied from A), "
+                   f"{summary['parameters']:,} parameters")
