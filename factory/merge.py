@@ -11,9 +11,11 @@ combined on its own, so memory holds one shard of each model, not two models:
   tensors fall back to linear).
 
 `w` is B's share: 0 gives A, 1 gives B. The output has A's config, tokenizer and shard layout,
-and `merge.json` says what was merged. Everything that can be wrong (pickle weights, other
-tensor names or shapes, another vocabulary) is found before anything is written, and the
-output appears only once complete.
+and `merge.json` says what was merged. Tensors pair by name, with or without the base-model
+prefix (a BertForMaskedLM export and a bare BertModel base); embedding rows past the shared
+tokenizer's last id are padding and stay A's. Everything that can be wrong (pickle weights,
+other tensor names or shapes, another vocabulary) is found before anything is written, and
+the output appears only once complete.
 """
 
 from __future__ import annotations
