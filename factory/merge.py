@@ -82,8 +82,9 @@ def _write(a: Path, b: Path, tmp: Path, layout_a: dict, layout_b: dict,
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    for f in a.iterdir():   # config, tokenizer, shard index: A's
-        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+    for f in a.iterdir():   # config, tokenizer, shard index: A's (never a pickle or its index)
+        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt", ".pth") \
+                and not f.name.endswith(".bin.index.json"):
             shutil.copy2(f, tmp / f.name)
     parameters = copied = 0
     with contextlib.ExitStack() as stack:
@@ -156,8 +157,10 @@ def _layout(folder: Path) -> dict[str, tuple[Path, str, tuple[int, ...]]]:
     return out
 
 
-def _check(a: Path, b: Path, la: dict, lb: dict, keep_a_extras: bool) -> None:
-    """One UserError naming the first difference that makes the models unmergeable."""
+def _check(a: Path, b: Path, la: dict, lb: dict,
+           keep_a_extras: bool) -> dict[str, str | None]:
+    """A's tensor names paired with B's (`_pairs`); one UserError naming the first
+    difference that makes the models unmergeable."""
     ca, cb = (json.loads((f / "config.json").read_text(encoding="utf-8")) for f in (a, b))
     if ca.get("model_type") != cb.get("model_type"):
         raise UserError(f"{b}: model_type {cb.get('model_type')!r}, but {a} is "
