@@ -35,8 +35,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """model.json + newest checkpoint -> BertForMaskedLM / LlamaForCausalLM folder.
 
-        The checkpoint's index (`.metadata`, a pickle torch would load as is) is checked
-        first and refused if it holds anything but checkpoint records."""
+        The checkpoint's pickles (its index, common.pt and the objects in its shards) are
+        read as weights_only before megatron or torch reads them, and refused if they hold
+        anything but checkpoint records, tensors and plain data."""
         from factory.train.convert.folders import megatron_to_hf as convert
 
         summary = convert(src, dst, tokenizer)

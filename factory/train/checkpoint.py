@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from factory.stage import UserError
-from factory.train import dcp_metadata, engine
+from factory.train import engine, safe_dcp
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,6 @@ def prune(root: Path, keep_steps: set[int]) -> None:
 def load(root: Path, step: int, model: torch.nn.Module,
          optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     """Restore model, optimizer and RNG states of checkpoint `step`; returns the extra dict."""
-    from megatron.core import dist_checkpointing
 
     folder = iter_dir(root, step)
     net = engine.bare(model)
@@ -168,9 +167,8 @@ def load(root: Path, step: int, model: torch.nn.Module,
                 f"{_describe(layout)}; its optimizer state cannot change the model-parallel "
                 "layout (data parallel may change): resume with the same parallel.tensor / "
                 "pipeline / virtual_pipeline, or delete the pretrain output folder")
-    dcp_metadata.check(folder / "model")
     try:
-        state = dist_checkpointing.load(net.sharded_state_dict(), str(folder / "model"))
+        state = safe_dcp.load(net.sharded_state_dict(), folder / "model")
         net.load_state_dict(state)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise _unreadable(folder, e) from None
@@ -180,14 +178,13 @@ def load(root: Path, step: int, model: torch.nn.Module,
         else:
             # no_grad: with fp32 parameters the distributed optimizer's main weights are
             # views of them, which a plain copy_ may not write into.
-            dcp_metadata.check(folder / "optimizer")
             try:
                 with torch.no_grad():
                     engine.prepare_to_load(optimizer)
-                    engine.load_state(optimizer, dist_checkpointing.load(
+                    engine.load_state(optimizer, safe_dcp.load(
                         optimizer.sharded_state_dict(net.sharded_state_dict(), is_loading=True,
                                                      metadata=OPTIMIZER_FORMAT),
-                        str(folder / "optimizer")))
+                        folder / "optimizer"))
             except (OSError, RuntimeError, KeyError, ValueError) as e:
                 raise _unreadable(folder, e) from None
     set_rng_states(extra["rng"])

@@ -112,13 +112,10 @@ def load_checkpoint_model(pretrain: Path) -> torch.nn.Module:
 
 def load_checkpoint(model: torch.nn.Module, folder: Path) -> None:
     """Model weights only (no optimizer, no RNG) from a dist_checkpointing folder."""
-    from megatron.core import dist_checkpointing
+    from factory.train import safe_dcp
 
-    from factory.train import dcp_metadata
-
-    dcp_metadata.check(folder)
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(folder))
+        state = safe_dcp.load(model.sharded_state_dict(), folder)
         model.load_state_dict(state)
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else ""

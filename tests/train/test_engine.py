@@ -3,6 +3,8 @@ in one process here; under torchrun in test_distributed.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 
@@ -233,6 +235,24 @@ def test_activation_recompute_keeps_the_losses(family, tmp_path, request):
     assert losses["full"] == pytest.approx(losses["none"], abs=1e-6)
 
 
+@contextlib.contextmanager
+def _unpickle_log():
+    """The weights_only flag of every torch.load call while open, in order."""
+    import torch
+
+    real, flags = torch.load, []
+
+    def spy(*args, **kwargs):
+        flags.append(kwargs.get("weights_only") is True)
+        return real(*args, **kwargs)
+
+    torch.load = spy
+    try:
+        yield flags
+    finally:
+        torch.load = real
+
+
 @pytest.mark.parametrize("distributed, precision", [(False, "fp32"), (False, "bf16"),
                                                     (True, "bf16")])
 def test_megatron_engine_checkpoint_resumes_exactly(bert_inputs, tmp_path, distributed,
@@ -254,7 +274,12 @@ def test_megatron_engine_checkpoint_resumes_exactly(bert_inputs, tmp_path, distr
     later = _steps(model, opt, ds, "megatron", precision, range(3, 5))
 
     other, other_opt = engine.build(_bert(4), engine.EngineConfig(**settings))
-    checkpoint.load(tmp_path / "ckpt", 2, other, other_opt)
+    with _unpickle_log() as loads:
+        checkpoint.load(tmp_path / "ckpt", 2, other, other_opt)
+    # The checkpoint's objects (each linear's extra state, megatron's optimizer groups) are
+    # read by torch's planner unrestricted, but each only after safe_dcp read it as
+    # weights_only (factory/train/safe_dcp.py).
+    assert False in loads and all(loads[i - 1] for i, w in enumerate(loads) if not w)
     resumed = _steps(other, other_opt, ds, "megatron", precision, range(3, 5))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in later], abs=1e-6)
     assert [r["grad_norm"] for r in resumed] == pytest.approx(
